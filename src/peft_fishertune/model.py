@@ -1,0 +1,180 @@
+"""FisherTuneModel: the peft tuner that injects FisherTune layers and owns the global selection."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+
+from .config import FisherTuneConfig
+from .layer import LAYER_CLASSES, FisherTuneLayer
+from .selection import Selection, count_for_density, global_topk, initial_scores
+from .validation import validate_adapter_state_dict
+
+VIT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+# Default candidates per transformers model_type: the backbone's attention and MLP linear layers.
+TARGET_MODULE_MAPPING = {
+    "dinov2": VIT_LINEARS,
+    "dinov2_with_registers": VIT_LINEARS,
+    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+}
+
+
+class FisherTuneModel(BaseTuner):
+    """Sparse fine-tuning of a model's own weights, selected by the domain-related Fisher score.
+
+    FisherTune (Zhao et al., CVPR 2025, https://arxiv.org/abs/2503.17940) adds no modules: every candidate
+    layer gets a sparse delta (values at flat positions) on its existing weight. Which positions, and how
+    many per layer, comes from ONE global ranking of all candidate weights by score (``select``); the
+    trained set is a prefix of that ranking whose length follows the density (``set_density``).
+
+    Use it through peft: ``get_peft_model(model, FisherTuneConfig(...))``.
+    """
+
+    prefix: str = "fishertune_"
+    tuner_layer_cls = FisherTuneLayer
+    target_module_mapping = TARGET_MODULE_MAPPING
+
+    def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
+        # adapter name -> Selection, kept to grow the active prefix in global rank order (see set_density).
+        self._selections: dict[str, Selection] = {}
+        super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
+
+    # ------------------------------------------------------------------ injection
+    def _create_and_replace(self, config: FisherTuneConfig, adapter_name, target, target_name, parent, current_key):
+        count = config.selection_counts.get(current_key, 0)
+        kwargs = {"init_weights": config.init_weights, "seed": config.seed, "inference_mode": config.inference_mode}
+        if isinstance(target, FisherTuneLayer):
+            target.update_layer(adapter_name, count, **kwargs)
+            return
+        new_module = self._create_new_module(target, adapter_name, count, kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(target, adapter_name, count, kwargs):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        for base_cls, layer_cls in LAYER_CLASSES.items():
+            if isinstance(base, base_cls):
+                return layer_cls(target, adapter_name, count, **kwargs)
+        supported = ", ".join(cls.__name__ for cls in LAYER_CLASSES)
+        raise TypeError(f"Target module {type(base).__name__} is not supported by FisherTune (supported: {supported})")
+
+    def _post_injection_hook(self, model, config: FisherTuneConfig, adapter_name: str) -> None:
+        unknown = set(config.selection_counts) - set(self._layers(adapter_name))
+        if unknown:
+            raise ValueError(
+                f"selection_counts names modules that are not adapted in this model: {sorted(unknown)[:5]}"
+            )
+        if not config.selection_counts and config.init_selection != "none":
+            weights = {name: layer.get_base_layer().weight for name, layer in self._layers(adapter_name).items()}
+            scores = initial_scores(weights, config.init_selection, config.seed)
+            self.select(scores, adapter_name=adapter_name, active_density=config.density_max)
+
+    # ------------------------------------------------------------------ selection
+    def _layers(self, adapter_name: Optional[str] = None) -> dict[str, FisherTuneLayer]:
+        """Module name (relative to the wrapped model) -> FisherTune layer."""
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, FisherTuneLayer) and (adapter_name is None or adapter_name in module.fishertune_values)
+        }
+
+    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+        adapter_name = adapter_name or self.active_adapters[0]
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
+        return adapter_name
+
+    def num_candidates(self, adapter_name: Optional[str] = None) -> int:
+        """N: the number of candidate weights (all entries of all adapted weights)."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        return sum(layer.get_base_layer().weight.numel() for layer in self._layers(adapter_name).values())
+
+    def select(
+        self,
+        scores: Mapping[str, torch.Tensor],
+        adapter_name: Optional[str] = None,
+        active_density: Optional[float] = None,
+    ) -> dict[str, int]:
+        """Allocate every layer's entries from one global top-k of ``scores``.
+
+        Args:
+            scores: module name -> score tensor shaped like that module's weight, for every adapted module
+                (names as in ``model.named_modules()`` of the wrapped model; a leading ``base_model.model.``
+                is accepted). Higher is more important.
+            adapter_name: the adapter to allocate; the active one by default.
+            active_density: the fraction of all candidates that is active (trainable) right away;
+                ``density_min`` by default. The selection itself always covers ``density_max``.
+
+        Returns the per-module counts at ``density_max``, which are also written to the config's
+        ``selection_counts``. New value parameters replace the old ones, zero (or random when
+        ``init_weights=False``), so an optimizer must be given the new parameters.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        layers = self._layers(adapter_name)
+        scores = _align_scores(scores, layers)
+        total = sum(s.numel() for s in scores.values())
+        selection = global_topk(scores, count_for_density(config.density_max, total))
+        self._selections[adapter_name] = selection
+        density = config.density_min if active_density is None else active_density
+        active = selection.counts_at(count_for_density(density, total))
+        for name, layer in layers.items():
+            layer.set_selection(
+                adapter_name, selection.indices[name], active[name], init_weights=config.init_weights, seed=config.seed
+            )
+        config.selection_counts = {name: int(selection.indices[name].numel()) for name in layers}
+        return dict(config.selection_counts)
+
+    def set_density(self, density: float, adapter_name: Optional[str] = None) -> int:
+        """Make the global top ``density`` fraction of the selection active; returns the active count.
+
+        The global ranking decides which layers grow. Needs the selection made in this process by
+        ``select`` (or ``init_selection``); a loaded adapter keeps the active prefix it was saved with.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        config = self.peft_config[adapter_name]
+        if adapter_name not in self._selections:
+            raise RuntimeError(f"Adapter {adapter_name!r} has no selection in this process; call select(scores) first")
+        if not config.density_min <= density <= config.density_max:
+            raise ValueError(f"density must lie in [density_min, density_max] = "
+                             f"[{config.density_min}, {config.density_max}], got {density!r}")
+        selection = self._selections[adapter_name]
+        k = min(count_for_density(density, self.num_candidates(adapter_name)), selection.order.numel())
+        for name, count in selection.counts_at(k).items():
+            self.model.get_submodule(name).set_active(adapter_name, count)
+        return k
+
+    def active_counts(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+        """Module name -> length of its active prefix."""
+        adapter_name = self._resolve_adapter(adapter_name)
+        return {name: layer.active_count(adapter_name) for name, layer in self._layers(adapter_name).items()}
+
+    # ------------------------------------------------------------------ peft hooks
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        remapped = super()._remap_adapter_state_dict_for_load(
+            model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
+        )
+        validate_adapter_state_dict(model, adapter_name, remapped)
+        return remapped
+
+
+def _align_scores(scores: Mapping[str, torch.Tensor], layers: Mapping[str, FisherTuneLayer]) -> dict:
+    """Scores keyed and ordered like ``layers``; raise on a missing, unknown or misshapen entry."""
+    stripped = {name.removeprefix("base_model.model."): score for name, score in scores.items()}
+    missing = [name for name in layers if name not in stripped]
+    unknown = [name for name in stripped if name not in layers]
+    if missing or unknown:
+        raise ValueError(f"scores must cover exactly the adapted modules; missing: {missing[:5]}, unknown: {unknown[:5]}")
+    aligned = {}
+    for name, layer in layers.items():
+        shape = tuple(layer.get_base_layer().weight.shape)
+        if tuple(stripped[name].shape) != shape:
+            raise ValueError(f"scores for {name!r} have shape {tuple(stripped[name].shape)}, the weight has {shape}")
+        aligned[name] = stripped[name]
+    return aligned
