@@ -18,7 +18,7 @@ VIT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 TARGET_MODULE_MAPPING = {
     "dinov2": VIT_LINEARS,
     "dinov2_with_registers": VIT_LINEARS,
-    "vit": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
+    "vit": VIT_LINEARS,
 }
 
 
