@@ -160,8 +160,22 @@ class FisherTuneModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
-        validate_adapter_state_dict(model, adapter_name, remapped)
+        try:
+            validate_adapter_state_dict(model, adapter_name, remapped)
+        except ValueError:
+            _drop_half_loaded_adapter(model, adapter_name)
+            raise
         return remapped
+
+
+def _drop_half_loaded_adapter(model, adapter_name: str) -> None:
+    """Remove an adapter that peft created for a load that failed validation, when others remain."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and adapter_name in model.peft_config and len(model.peft_config) > 1:
+        if adapter_name in model.active_adapters:
+            return
+        model.delete_adapter(adapter_name)
 
 
 def _align_scores(scores: Mapping[str, torch.Tensor], layers: Mapping[str, FisherTuneLayer]) -> dict:

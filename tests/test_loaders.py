@@ -1,0 +1,161 @@
+"""Every way a user loads or injects a FisherTune adapter, beyond PeftModel.from_pretrained."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from peft import (
+    AutoPeftModel,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    set_peft_model_state_dict,
+)
+from peft.utils import PeftType
+from transformers import Dinov2Model
+
+from peft_fishertune import FisherTuneConfig, FisherTuneLayer
+
+from .models import build, tensor_of, tiny_dinov2
+
+VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+
+
+def random_config(**kwargs) -> FisherTuneConfig:
+    return FisherTuneConfig(init_selection="random", init_weights=False, density_max=0.3, **kwargs)
+
+
+@pytest.fixture
+def saved_dinov2(tmp_path):
+    """A tiny Dinov2 saved in HF format, and a FisherTune adapter of it saved beside."""
+    torch.manual_seed(0)
+    tiny_dinov2().save_pretrained(tmp_path / "base")
+    base = Dinov2Model.from_pretrained(tmp_path / "base")
+    model = get_peft_model(base, random_config(target_modules=VIT)).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    x = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        expected = model(pixel_values=x).last_hidden_state
+    return tmp_path, x, expected
+
+
+def test_peft_type_registered():
+    """import peft_fishertune makes FISHERTUNE a PeftType member that peft's registries know."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING
+
+    assert PeftType("FISHERTUNE") is PeftType.FISHERTUNE
+    assert PEFT_TYPE_TO_CONFIG_MAPPING["FISHERTUNE"] is FisherTuneConfig
+    assert PEFT_TYPE_TO_PREFIX_MAPPING[PeftType.FISHERTUNE] == "fishertune_"
+    assert FisherTuneConfig().peft_type is PeftType.FISHERTUNE
+
+
+def test_auto_peft_model_loads_base_and_adapter(saved_dinov2):
+    """AutoPeftModel.from_pretrained finds the base model from the adapter config and loads the adapter."""
+    path, x, expected = saved_dinov2
+    model = AutoPeftModel.from_pretrained(path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_transformers_load_adapter(saved_dinov2):
+    """transformers' model.load_adapter(path) injects FisherTune layers and loads the sparse delta."""
+    path, x, expected = saved_dinov2
+    base = Dinov2Model.from_pretrained(path / "base").eval()
+    base.load_adapter(str(path / "adapter"), adapter_name="ft")
+    assert any(isinstance(m, FisherTuneLayer) for m in base.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(base(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_low_cpu_mem_usage_load(saved_dinov2):
+    """PeftModel.from_pretrained(low_cpu_mem_usage=True) creates the adapter on meta and still loads it exactly."""
+    path, x, expected = saved_dinov2
+    base = Dinov2Model.from_pretrained(path / "base")
+    model = PeftModel.from_pretrained(base, path / "adapter", low_cpu_mem_usage=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+
+
+def test_inject_adapter_in_model_and_state_dict_round_trip():
+    """inject_adapter_in_model + get/set_peft_model_state_dict move an adapter between plain models."""
+    source, x = build("mlp")
+    config = random_config(target_modules=["lin0", "lin1"])
+    source = inject_adapter_in_model(config, source)
+    state = get_peft_model_state_dict(source)
+    assert state and all("fishertune_" in key for key in state)
+    target = inject_adapter_in_model(FisherTuneConfig(**{**config.to_dict(), "init_weights": True}), build("mlp")[0])
+    set_peft_model_state_dict(target, state)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+def test_several_adapters_add_set_delete(tmp_path):
+    """Two adapters coexist; set_adapter switches outputs; delete_adapter removes every tensor of one."""
+    base, x = build("mlp")
+    model = get_peft_model(base, random_config(target_modules=["lin0"], seed=1), adapter_name="a")
+    model.add_adapter("b", random_config(target_modules=["lin0", "lin1"], seed=2))
+    with torch.no_grad():
+        out_a = model(x)
+        model.set_adapter("b")
+        out_b = model(x)
+    assert not torch.allclose(out_a, out_b)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.endswith(".a"))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "b" / "adapter_model.safetensors").exists()
+    model.delete_adapter("a")
+    assert not any(key.endswith(".a") for key in model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out_b, rtol=0, atol=0)
+
+
+def test_two_active_adapters_add_their_deltas():
+    """With both adapters active the output is the base weight plus both sparse deltas (here, on lin0 only)."""
+    base, x = build("mlp")
+    model = get_peft_model(base, random_config(target_modules=["lin0"], seed=1), adapter_name="a")
+    model.add_adapter("b", random_config(target_modules=["lin0"], seed=2))
+    model.base_model.set_adapter(["a", "b"])
+    layer = model.base_model.model.lin0
+    weight = layer.base_layer.weight + layer.get_delta_weight("a") + layer.get_delta_weight("b")
+    expected = torch.relu(torch.nn.functional.linear(x, weight, layer.base_layer.bias))
+    with torch.no_grad():
+        torch.testing.assert_close(model.base_model.model.relu(layer(x)), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_fresh_process_without_import_fails_with_peft_key_error(tmp_path):
+    """Documented limitation: loading without `import peft_fishertune` fails in peft's registry lookup."""
+    base, _ = build("mlp")
+    get_peft_model(base, random_config(target_modules=["lin0"])).save_pretrained(tmp_path)
+    script = textwrap.dedent(
+        f"""
+        from peft import PeftConfig
+        PeftConfig.from_pretrained({str(tmp_path)!r})
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "FISHERTUNE" in result.stderr
+
+
+def test_trainer_checkpoint_holds_adapter_files_only(tmp_path):
+    """A transformers Trainer checkpoint of a FisherTune model has the adapter, not the full model."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from peft_fishertune.quickstart import build_model, synthetic_batch
+
+    images, labels = synthetic_batch(8, torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
+    model = get_peft_model(
+        build_model(), FisherTuneConfig(target_modules=VIT, modules_to_save=["decode_head"], init_selection="random")
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4, report_to=[],
+        use_cpu=True, disable_tqdm=True,
+    )
+    Trainer(model=model, args=args, train_dataset=data).train()
+    files = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files
+    assert not files & {"model.safetensors", "pytorch_model.bin"}
