@@ -29,12 +29,31 @@ def test_every_field_documented():
 
 
 BAD = [
-    ("density_min", 0.0), ("density_min", 1.5), ("density_min", math.nan), ("density_min", "0.1"),
-    ("density_max", 0.005), ("density_max", 1.01), ("schedule", "step"), ("estimator", "exact"),
-    ("init_selection", "top"), ("gamma", 0.0), ("tau", -1.0), ("eps", 0), ("lam", 1.2), ("lam", -0.1),
-    ("perturb_strength", -1.0), ("warmup_steps", -1), ("warmup_steps", 2.5), ("calibration_steps", 0),
-    ("tuning_steps", 0), ("seed", -3), ("init_weights", "yes"), ("perturb_module", ""),
-    ("selection_counts", {"lin0": -1}), ("selection_counts", {"lin0": 1.5}), ("selection_counts", [1]),
+    ("density_min", 0.0),
+    ("density_min", 1.5),
+    ("density_min", math.nan),
+    ("density_min", "0.1"),
+    ("density_max", 0.005),
+    ("density_max", 1.01),
+    ("schedule", "step"),
+    ("estimator", "exact"),
+    ("init_selection", "top"),
+    ("gamma", 0.0),
+    ("tau", -1.0),
+    ("eps", 0),
+    ("lam", 1.2),
+    ("lam", -0.1),
+    ("perturb_strength", -1.0),
+    ("warmup_steps", -1),
+    ("warmup_steps", 2.5),
+    ("calibration_steps", 0),
+    ("tuning_steps", 0),
+    ("seed", -3),
+    ("init_weights", "yes"),
+    ("perturb_module", ""),
+    ("selection_counts", {"lin0": -1}),
+    ("selection_counts", {"lin0": 1.5}),
+    ("selection_counts", [1]),
 ]
 
 
@@ -49,8 +68,13 @@ def test_bad_value_names_field_and_value(field, value):
 
 def test_json_round_trip(tmp_path):
     """save_pretrained/from_pretrained keep every field, including the per-module counts."""
-    config = FisherTuneConfig(target_modules=["q_proj", "fc1"], lam=0.3, estimator="variational",
-                              perturb_module="embeddings", selection_counts={"a.q_proj": 5})
+    config = FisherTuneConfig(
+        target_modules=["q_proj", "fc1"],
+        lam=0.3,
+        estimator="variational",
+        perturb_module="embeddings",
+        selection_counts={"a.q_proj": 5},
+    )
     config.save_pretrained(tmp_path)
     loaded = PeftConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, FisherTuneConfig)

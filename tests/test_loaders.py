@@ -21,7 +21,7 @@ from transformers import Dinov2Model
 
 from peft_fishertune import FisherTuneConfig, FisherTuneLayer
 
-from .models import build, tensor_of, tiny_dinov2
+from .models import build, tiny_dinov2
 
 VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 
@@ -152,8 +152,13 @@ def test_trainer_checkpoint_holds_adapter_files_only(tmp_path):
         build_model(), FisherTuneConfig(target_modules=VIT, modules_to_save=["decode_head"], init_selection="random")
     )
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4, report_to=[],
-        use_cpu=True, disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
     )
     Trainer(model=model, args=args, train_dataset=data).train()
     files = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}

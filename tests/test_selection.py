@@ -31,7 +31,9 @@ def test_global_topk_matches_brute_force():
     for k_small in (0, 1, 5, 13, 20):
         top = set(flat.sort(descending=True).indices[:k_small].tolist())
         offsets = {"a": 0, "b": 35, "c": 65}
-        expected = {name: sum(offsets[name] <= t < offsets[name] + scores[name].numel() for t in top) for name in scores}
+        expected = {
+            name: sum(offsets[name] <= t < offsets[name] + scores[name].numel() for t in top) for name in scores
+        }
         assert selection.counts_at(k_small) == expected
 
 
@@ -134,19 +136,33 @@ def test_init_selection_is_seeded_and_fully_active(kind):
     layers = first.base_model._layers()
     counts = first.peft_config["default"].selection_counts
     assert first.base_model.active_counts() == counts
-    same = all(torch.equal(l.fishertune_indices["default"], second.base_model.model.get_submodule(n)
-                           .fishertune_indices["default"]) for n, l in layers.items())
-    differs = any(not torch.equal(l.fishertune_indices["default"], other.base_model.model.get_submodule(n)
-                                  .fishertune_indices["default"]) for n, l in layers.items())
+    same = all(
+        torch.equal(
+            layer.fishertune_indices["default"], second.base_model.model.get_submodule(n).fishertune_indices["default"]
+        )
+        for n, layer in layers.items()
+    )
+    differs = any(
+        not torch.equal(
+            layer.fishertune_indices["default"], other.base_model.model.get_submodule(n).fishertune_indices["default"]
+        )
+        for n, layer in layers.items()
+    )
     assert same and differs == (kind == "random")
 
 
 def test_magnitude_selection_picks_largest_weights():
     model, _ = make("magnitude")
-    weights = torch.cat([l.get_base_layer().weight.abs().reshape(-1) for l in model.base_model._layers().values()])
+    weights = torch.cat(
+        [layer.get_base_layer().weight.abs().reshape(-1) for layer in model.base_model._layers().values()]
+    )
     k = sum(model.peft_config["default"].selection_counts.values())
-    chosen = torch.cat([l.get_base_layer().weight.abs().reshape(-1)[l.fishertune_indices["default"].long()]
-                        for l in model.base_model._layers().values()])
+    chosen = torch.cat(
+        [
+            layer.get_base_layer().weight.abs().reshape(-1)[layer.fishertune_indices["default"].long()]
+            for layer in model.base_model._layers().values()
+        ]
+    )
     assert chosen.min() >= weights.sort(descending=True).values[k - 1]
 
 
@@ -155,3 +171,16 @@ def test_selection_refused_while_merged():
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged"):
         model.base_model.select(weight_scores(model))
+
+
+def test_layer_keeps_no_dense_copy_of_its_weight():
+    """After forward and backward a layer stores no tensor as large as its weight besides the weight itself."""
+    model, x = make("random")
+    model(x).pow(2).sum().backward()
+    for layer in model.base_model._layers().values():
+        weight = layer.get_base_layer().weight
+        stored = list(layer.parameters()) + list(layer.buffers())
+        stored += [v for v in vars(layer).values() if isinstance(v, torch.Tensor)]
+        stored += [t for d in (layer._merge_backup,) for t in d.values()]
+        large = [t for t in stored if t.numel() >= weight.numel() and t is not weight]
+        assert not large

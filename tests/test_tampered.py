@@ -81,8 +81,9 @@ TAMPERINGS = [
 @pytest.fixture
 def saved(tmp_path):
     base, x = build("mlp")
-    config = FisherTuneConfig(target_modules=["lin0", "lin1"], init_selection="random", init_weights=False,
-                              density_max=0.3)
+    config = FisherTuneConfig(
+        target_modules=["lin0", "lin1"], init_selection="random", init_weights=False, density_max=0.3
+    )
     get_peft_model(base, config).save_pretrained(tmp_path)
     return tmp_path, x
 

@@ -1,8 +1,8 @@
 """FisherTune as a peft method: ``import peft_fishertune`` registers it with peft.
 
-    import peft_fishertune
-    from peft import get_peft_model
-    model = get_peft_model(base_model, peft_fishertune.FisherTuneConfig(target_modules=[...]))
+import peft_fishertune
+from peft import get_peft_model
+model = get_peft_model(base_model, peft_fishertune.FisherTuneConfig(target_modules=[...]))
 """
 
 from ._peft_registry import FISHERTUNE as PEFT_TYPE

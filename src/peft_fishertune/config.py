@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from peft.config import PeftConfig
 
@@ -33,7 +33,7 @@ class FisherTuneConfig(PeftConfig):
     calibration data.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -43,10 +43,10 @@ class FisherTuneConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "Module names or a regex to exclude from the candidates."}
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={"help": "Modules trained in full and saved with the adapter, e.g. the decoder ['decode_head']."},
     )
@@ -85,7 +85,7 @@ class FisherTuneConfig(PeftConfig):
         default="closed_form",
         metadata={"help": f"How the precision Lambda is estimated, one of {ESTIMATORS}."},
     )
-    perturb_module: Optional[str] = field(
+    perturb_module: str | None = field(
         default=None,
         metadata={
             "help": "Name of the module whose output features get the DSU-style statistics shift that makes x'. "
@@ -96,12 +96,8 @@ class FisherTuneConfig(PeftConfig):
         default=1.0,
         metadata={"help": "Scale of the noise eps_mu, eps_sigma ~ N(0, 1) applied to the feature statistics; >= 0."},
     )
-    warmup_steps: int = field(
-        default=10_000, metadata={"help": "T1: decoder-only steps before calibration; >= 0."}
-    )
-    calibration_steps: int = field(
-        default=2_000, metadata={"help": "T2: batches of the DR-FIM calibration pass; > 0."}
-    )
+    warmup_steps: int = field(default=10_000, metadata={"help": "T1: decoder-only steps before calibration; >= 0."})
+    calibration_steps: int = field(default=2_000, metadata={"help": "T2: batches of the DR-FIM calibration pass; > 0."})
     tuning_steps: int = field(
         default=28_000, metadata={"help": "T3: sparse-tuning steps over which the density grows; > 0."}
     )

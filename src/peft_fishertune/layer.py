@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from functools import lru_cache
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -157,7 +157,7 @@ class FisherTuneLayer(BaseTunerLayer):
             flat = flat.index_add(0, positions, values.to(weight.dtype))  # (numel,)
         return flat.view_as(weight)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the active deltas into the base weight; ``unmerge`` restores the exact previous weight.
 
         Only the k_active touched entries are read and written, and ``safe_merge`` checks just those.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
@@ -75,21 +74,22 @@ class FisherTuneModel(BaseTuner):
             self.select(scores, adapter_name=adapter_name, active_density=config.density_max)
 
     # ------------------------------------------------------------------ selection
-    def _layers(self, adapter_name: Optional[str] = None) -> dict[str, FisherTuneLayer]:
+    def _layers(self, adapter_name: str | None = None) -> dict[str, FisherTuneLayer]:
         """Module name (relative to the wrapped model) -> FisherTune layer."""
         return {
             name: module
             for name, module in self.model.named_modules()
-            if isinstance(module, FisherTuneLayer) and (adapter_name is None or adapter_name in module.fishertune_values)
+            if isinstance(module, FisherTuneLayer)
+            and (adapter_name is None or adapter_name in module.fishertune_values)
         }
 
-    def _resolve_adapter(self, adapter_name: Optional[str]) -> str:
+    def _resolve_adapter(self, adapter_name: str | None) -> str:
         adapter_name = adapter_name or self.active_adapters[0]
         if adapter_name not in self.peft_config:
             raise ValueError(f"No adapter named {adapter_name!r}; adapters: {sorted(self.peft_config)}")
         return adapter_name
 
-    def num_candidates(self, adapter_name: Optional[str] = None) -> int:
+    def num_candidates(self, adapter_name: str | None = None) -> int:
         """N: the number of candidate weights (all entries of all adapted weights)."""
         adapter_name = self._resolve_adapter(adapter_name)
         return sum(layer.get_base_layer().weight.numel() for layer in self._layers(adapter_name).values())
@@ -97,8 +97,8 @@ class FisherTuneModel(BaseTuner):
     def select(
         self,
         scores: Mapping[str, torch.Tensor],
-        adapter_name: Optional[str] = None,
-        active_density: Optional[float] = None,
+        adapter_name: str | None = None,
+        active_density: float | None = None,
     ) -> dict[str, int]:
         """Allocate every layer's entries from one global top-k of ``scores``.
 
@@ -117,6 +117,9 @@ class FisherTuneModel(BaseTuner):
         adapter_name = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
         layers = self._layers(adapter_name)
+        merged = [name for name, layer in layers.items() if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"Adapter {adapter_name!r} is merged in {merged[:3]}; unmerge it before select()")
         scores = _align_scores(scores, layers)
         total = sum(s.numel() for s in scores.values())
         selection = global_topk(scores, count_for_density(config.density_max, total))
@@ -130,7 +133,7 @@ class FisherTuneModel(BaseTuner):
         config.selection_counts = {name: int(selection.indices[name].numel()) for name in layers}
         return dict(config.selection_counts)
 
-    def set_density(self, density: float, adapter_name: Optional[str] = None) -> int:
+    def set_density(self, density: float, adapter_name: str | None = None) -> int:
         """Make the global top ``density`` fraction of the selection active; returns the active count.
 
         The global ranking decides which layers grow. Needs the selection made in this process by
@@ -141,15 +144,17 @@ class FisherTuneModel(BaseTuner):
         if adapter_name not in self._selections:
             raise RuntimeError(f"Adapter {adapter_name!r} has no selection in this process; call select(scores) first")
         if not config.density_min <= density <= config.density_max:
-            raise ValueError(f"density must lie in [density_min, density_max] = "
-                             f"[{config.density_min}, {config.density_max}], got {density!r}")
+            raise ValueError(
+                f"density must lie in [density_min, density_max] = "
+                f"[{config.density_min}, {config.density_max}], got {density!r}"
+            )
         selection = self._selections[adapter_name]
         k = min(count_for_density(density, self.num_candidates(adapter_name)), selection.order.numel())
         for name, count in selection.counts_at(k).items():
             self.model.get_submodule(name).set_active(adapter_name, count)
         return k
 
-    def active_counts(self, adapter_name: Optional[str] = None) -> dict[str, int]:
+    def active_counts(self, adapter_name: str | None = None) -> dict[str, int]:
         """Module name -> length of its active prefix."""
         adapter_name = self._resolve_adapter(adapter_name)
         return {name: layer.active_count(adapter_name) for name, layer in self._layers(adapter_name).items()}
@@ -184,7 +189,9 @@ def _align_scores(scores: Mapping[str, torch.Tensor], layers: Mapping[str, Fishe
     missing = [name for name in layers if name not in stripped]
     unknown = [name for name in stripped if name not in layers]
     if missing or unknown:
-        raise ValueError(f"scores must cover exactly the adapted modules; missing: {missing[:5]}, unknown: {unknown[:5]}")
+        raise ValueError(
+            f"scores must cover exactly the adapted modules; missing: {missing[:5]}, unknown: {unknown[:5]}"
+        )
     aligned = {}
     for name, layer in layers.items():
         shape = tuple(layer.get_base_layer().weight.shape)

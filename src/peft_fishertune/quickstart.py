@@ -59,9 +59,9 @@ def synthetic_batch(batch: int, generator: torch.Generator, size: int = 56) -> t
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import peft_fishertune  # noqa: F401  (registers the method)
     from peft import PeftModel, get_peft_model
 
+    import peft_fishertune  # noqa: F401  (registers the method)
     from peft_fishertune import FisherTuneConfig
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
