@@ -7,13 +7,26 @@ model = get_peft_model(base_model, peft_fishertune.FisherTuneConfig(target_modul
 
 from ._peft_registry import FISHERTUNE as PEFT_TYPE
 from ._peft_registry import register as _register
+from .calibration import calibrate
 from .config import FisherTuneConfig
 from .layer import FisherTuneLayer
 from .model import FisherTuneModel
+from .perturbation import DomainShift
+from .scores import Scores
 from .selection import Selection, global_topk
 
 __version__ = "0.1.0"
 
 _register(FisherTuneConfig, FisherTuneModel)
 
-__all__ = ["FisherTuneConfig", "FisherTuneLayer", "FisherTuneModel", "PEFT_TYPE", "Selection", "global_topk"]
+__all__ = [
+    "DomainShift",
+    "FisherTuneConfig",
+    "FisherTuneLayer",
+    "FisherTuneModel",
+    "PEFT_TYPE",
+    "Scores",
+    "Selection",
+    "calibrate",
+    "global_topk",
+]

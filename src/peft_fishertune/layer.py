@@ -55,10 +55,7 @@ class FisherTuneLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self.register_load_state_dict_post_hook(_refresh_active_counts)
-        base = self.get_base_layer()
-        for attr in ("in_features", "out_features", "in_channels", "out_channels"):
-            if hasattr(base, attr):
-                setattr(self, attr, getattr(base, attr))
+        self.in_features, self.out_features = _in_out_features(self.get_base_layer())
 
     # ------------------------------------------------------------------ allocation
     def update_layer(
@@ -103,9 +100,8 @@ class FisherTuneLayer(BaseTunerLayer):
             raise ValueError(f"active count {active} outside [0, {count}] for adapter {adapter_name!r}")
         if init_weights:
             values = torch.zeros(count, dtype=torch.float32)
-        else:
-            generator = torch.Generator().manual_seed(seed + count)
-            values = 0.02 * torch.randn(count, generator=generator, dtype=torch.float32)
+        else:  # like peft's other methods, a test-only random init draws from the global RNG
+            values = 0.02 * torch.randn(count, dtype=torch.float32)
         value_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.fishertune_values[adapter_name] = nn.Parameter(values.to(weight.device, value_dtype))
         self.fishertune_indices[adapter_name] = indices
@@ -256,6 +252,16 @@ class Conv1DLayer(_FisherTuneModule):
 
 
 LAYER_CLASSES: dict[type, type] = {nn.Linear: Linear, nn.Conv2d: Conv2d, Conv1D: Conv1DLayer}
+
+
+def _in_out_features(base: nn.Module) -> tuple[int, int]:
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if isinstance(base, nn.Conv2d):
+        return base.in_channels, base.out_channels
+    if isinstance(base, Conv1D):
+        return base.weight.shape[0], base.weight.shape[1]
+    raise TypeError(f"FisherTune does not support {type(base).__name__}")
 
 
 def _refresh_active_counts(module: FisherTuneLayer, incompatible_keys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -62,14 +63,26 @@ class FisherTuneModel(BaseTuner):
         supported = ", ".join(cls.__name__ for cls in LAYER_CLASSES)
         raise TypeError(f"Target module {type(base).__name__} is not supported by FisherTune (supported: {supported})")
 
-    def _post_injection_hook(self, model, config: FisherTuneConfig, adapter_name: str) -> None:
-        unknown = set(config.selection_counts) - set(self._layers(adapter_name))
+    def inject_adapter(self, model, adapter_name: str, **kwargs) -> None:
+        """Inject the layers, then make the adapter's initial selection (for added adapters too).
+
+        A config object already used by another adapter is copied and its ``selection_counts`` cleared,
+        so that reusing a config gives a new selection rather than the other adapter's shapes.
+        """
+        config = self.peft_config[adapter_name]
+        if any(other is config for name, other in self.peft_config.items() if name != adapter_name):
+            config = copy.deepcopy(config)
+            config.selection_counts = {}
+            self.peft_config[adapter_name] = config
+        super().inject_adapter(model, adapter_name, **kwargs)
+        layers = self._layers(adapter_name)
+        unknown = set(config.selection_counts) - set(layers)
         if unknown:
             raise ValueError(
                 f"selection_counts names modules that are not adapted in this model: {sorted(unknown)[:5]}"
             )
-        if not config.selection_counts and config.init_selection != "none":
-            weights = {name: layer.get_base_layer().weight for name, layer in self._layers(adapter_name).items()}
+        if not config.selection_counts and config.init_selection != "none" and layers:
+            weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
             scores = initial_scores(weights, config.init_selection, config.seed)
             self.select(scores, adapter_name=adapter_name, active_density=config.density_max)
 

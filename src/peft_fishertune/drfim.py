@@ -1,0 +1,85 @@
+"""The DR-FIM equations as pure functions of tensors (supplementary material of the paper, Eq. 12-15).
+
+Notation: F is the diagonal Fisher information of each weight, Lambda the diagonal precision of the
+Gaussian posterior q = N(theta_hat, Lambda^-1), gamma the weight of KL(q || p) and tau the standard
+deviation of the prior p = N(theta_pt, tau^2 I). x are clean batches, x' domain-shifted ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def precision_from_fisher(fisher: torch.Tensor, gamma: float, tau: float) -> torch.Tensor:
+    """gamma * Lambda = F + gamma * tau^-2 (Eq. 12), so Lambda = F / gamma + tau^-2."""
+    return fisher / gamma + tau**-2
+
+
+def fisher_from_precision(precision: torch.Tensor, gamma: float, tau: float) -> torch.Tensor:
+    """F = gamma * (Lambda - tau^-2) (Eq. 13)."""
+    return gamma * (precision - tau**-2)
+
+
+def domain_term_eq15(
+    precision_x: torch.Tensor, precision_shifted: torch.Tensor, w: float, gamma: float, eps: float
+) -> torch.Tensor:
+    """The domain-sensitivity term of Eq. 15: gamma * w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)."""
+    denominator = torch.minimum(precision_x, precision_shifted) + eps / gamma
+    return gamma * w * (precision_x - precision_shifted).abs() / denominator
+
+
+def domain_term_from_fisher(
+    fisher_x: torch.Tensor, fisher_shifted: torch.Tensor, w: float, gamma: float, tau: float, eps: float
+) -> torch.Tensor:
+    """Eq. 15's domain term written in F: gamma * w * |F - F'| / (min(F, F') + eps + gamma * tau^-2).
+
+    Algebraically equal to ``domain_term_eq15`` of the precisions Lambda = F / gamma + tau^-2, but free of
+    the cancellation that Lambda - tau^-2 suffers in float32 when F / gamma is far below tau^-2 (with the
+    defaults gamma = tau = 0.01 and a mean loss, F ~ 1e-8 against tau^-2 = 1e4 loses F entirely).
+    """
+    denominator = torch.minimum(fisher_x, fisher_shifted) + eps + gamma * tau**-2
+    return gamma * w * (fisher_x - fisher_shifted).abs() / denominator
+
+
+def drf_eq15(
+    precision_x: torch.Tensor, precision_shifted: torch.Tensor, w: float, gamma: float, tau: float, eps: float
+) -> torch.Tensor:
+    """DRF = gamma * (Lambda_x - tau^-2 + w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)) (Eq. 15)."""
+    task = fisher_from_precision(precision_x, gamma, tau)
+    return task + domain_term_eq15(precision_x, precision_shifted, w, gamma, eps)
+
+
+def drf_eq14(fisher_x: torch.Tensor, fisher_shifted: torch.Tensor, w: float, eps: float) -> torch.Tensor:
+    """DRF = F(x) + w * |F(x) - F(x')| / (min(F(x), F(x')) + eps) (Eq. 14)."""
+    ratio = (fisher_x - fisher_shifted).abs() / (torch.minimum(fisher_x, fisher_shifted) + eps)
+    return fisher_x + w * ratio
+
+
+def perturbation_weight(eps_mu: float, eps_sigma: float) -> float:
+    """w = exp(-(eps_mu + eps_sigma)) (Eq. 14): a stronger drawn shift counts less."""
+    return float(torch.exp(-torch.tensor(eps_mu + eps_sigma, dtype=torch.float64)))
+
+
+def combine(task: dict[str, torch.Tensor], domain: dict[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
+    """(1 - lambda) * F + lambda * dF (supplementary Table 1), each term first divided by its global mean.
+
+    The two terms have different units (F scales with the square of the loss, the domain term is a
+    ratio), so without a common scale lambda would only decide which one swamps the other. Dividing each
+    by its mean over ALL candidate weights puts both at mean 1, keeps each term's global ranking, and
+    makes the combination independent of the loss scale whenever the domain term is. A term whose mean is
+    0 (for example x' == x) contributes 0.
+    """
+    task_mean = _global_mean(task)
+    domain_mean = _global_mean(domain)
+    combined = {}
+    for name in task:
+        t = task[name] / task_mean if task_mean > 0 else torch.zeros_like(task[name])
+        d = domain[name] / domain_mean if domain_mean > 0 else torch.zeros_like(domain[name])
+        combined[name] = (1 - lam) * t + lam * d
+    return combined
+
+
+def _global_mean(tensors: dict[str, torch.Tensor]) -> float:
+    total = sum(float(t.double().sum()) for t in tensors.values())
+    count = sum(t.numel() for t in tensors.values())
+    return total / count if count else 0.0
