@@ -64,7 +64,8 @@ def calibrate(
         dataloader: batches for ``loss_fn``; by default dicts that the model takes as keyword arguments
             and that make it return ``.loss`` (labels included). Cycled when shorter than ``steps``.
         steps: calibration steps (per process); the config's ``calibration_steps`` by default.
-        accelerator: an ``accelerate.Accelerator``; one is made when None.
+        accelerator: an ``accelerate.Accelerator``; when None one is made (with ``cpu=True`` on a machine
+            without CUDA, so that ``torchrun`` processes there form one group).
         loss_fn: ``loss_fn(model, batch) -> scalar loss``; by default ``model(**batch).loss``.
         adapter_name: the FisherTune adapter whose candidates are scored; the active one by default.
         estimator: ``"closed_form"`` or ``"variational"``; the config's by default.
@@ -74,7 +75,8 @@ def calibrate(
     """
     from accelerate import Accelerator
 
-    accelerator = accelerator or Accelerator()
+    # Without cpu=True Accelerate treats every torchrun process on a GPU-less machine as a lone process.
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     root, config, names, weights = _candidates(accelerator.unwrap_model(model), adapter_name)
     steps = config.calibration_steps if steps is None else steps
     if not isinstance(steps, int) or steps <= 0:
@@ -115,7 +117,9 @@ def calibrate(
             state.restore()
             bar.close()
 
-    totals = accelerator.reduce(torch.tensor([used, skipped, weight_sum], dtype=torch.float64, device=accelerator.device), "sum")
+    totals = accelerator.reduce(
+        torch.tensor([used, skipped, weight_sum], dtype=torch.float64, device=accelerator.device), "sum"
+    )
     used, skipped, weight_sum = int(totals[0]), int(totals[1]), float(totals[2])
     if 2 * skipped > used + skipped:
         raise RuntimeError(f"calibration skipped {skipped} of {used + skipped} steps (non-finite loss or gradients)")
@@ -128,12 +132,23 @@ def calibrate(
         for n, f, fs in zip(names, fisher, fisher_shifted)
     }
     meta = {
-        "estimator": estimator, "gamma": config.gamma, "tau": config.tau, "lam": config.lam, "eps": config.eps,
-        "w": w, "steps": steps, "used": used, "skipped": skipped, "seed": config.seed,
-        "perturb_module": config.perturb_module, "perturb_strength": config.perturb_strength,
+        "estimator": estimator,
+        "gamma": config.gamma,
+        "tau": config.tau,
+        "lam": config.lam,
+        "eps": config.eps,
+        "w": w,
+        "steps": steps,
+        "used": used,
+        "skipped": skipped,
+        "seed": config.seed,
+        "perturb_module": config.perturb_module,
+        "perturb_strength": config.perturb_strength,
         "processes": accelerator.num_processes,
     }
-    return Scores(fisher=task, fisher_shifted=task_shifted, domain=domain, drf=combine(task, domain, config.lam), meta=meta)
+    return Scores(
+        fisher=task, fisher_shifted=task_shifted, domain=domain, drf=combine(task, domain, config.lam), meta=meta
+    )
 
 
 def _model_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -312,7 +327,9 @@ class _Variational:
             if kind not in self.rho:  # first step: start at the closed-form estimate g^2 / gamma
                 self.rho[kind] = [
                     ((g.square() if g is not None else torch.zeros_like(w, dtype=_acc_dtype(w))) / self.gamma)
-                    .clamp_min(1e-30).log().to(_acc_dtype(w))
+                    .clamp_min(1e-30)
+                    .log()
+                    .to(_acc_dtype(w))
                     for g, w in zip(grads, self.weights)
                 ]
                 self.optimizers[kind] = torch.optim.Adam(self.rho[kind], lr=self.lr)

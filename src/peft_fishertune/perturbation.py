@@ -64,7 +64,9 @@ class DomainShift:
         return ShiftDraw(float(eps[0]), float(eps[1]))
 
     def shift(self, features: torch.Tensor, draw: ShiftDraw) -> torch.Tensor:
-        """f' for a (B, C, H, W) or (B, N, C) tensor."""
+        """f' for a (B, C, H, W) or (B, N, C) tensor; the tensor itself when the strength is 0."""
+        if self.strength == 0:
+            return features
         if features.dim() == 4:
             reduce_dims = (2, 3)
         elif features.dim() == 3:
@@ -91,6 +93,9 @@ class DomainShift:
         For the pixel case the input is the ``input_key`` keyword argument of ``model``'s forward, or its
         first positional argument.
         """
+        if self.strength == 0:  # the identity: nothing to hook
+            yield
+            return
         if module_name is None:
             handle = model.register_forward_pre_hook(self._input_hook(draw, input_key), with_kwargs=True)
         else:

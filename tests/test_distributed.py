@@ -1,0 +1,35 @@
+"""Two processes on a split of the data give the one-process scores (torchrun, gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peft_fishertune import Scores
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "dist_calibrate.py")
+
+
+def run(command, env_extra=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    subprocess.run(command, check=True, timeout=600, env=env, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_two_processes_equal_one_process(tmp_path):
+    """closed form: 8 batches on 1 process (8 steps) == the same 8 batches split over 2 processes (4 steps)."""
+    one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
+    run([sys.executable, SCRIPT, str(one), "8", "closed_form"])
+    run(["torchrun", "--standalone", "--nproc_per_node", "2", SCRIPT, str(two), "4", "closed_form"])
+    single, double = Scores.load(one), Scores.load(two)
+    assert (single.meta["processes"], double.meta["processes"]) == (1, 2)
+    assert single.meta["used"] == double.meta["used"] == 8
+    assert single.meta["w"] == pytest.approx(double.meta["w"], rel=1e-12)
+    for kind in ("fisher", "fisher_shifted", "domain", "drf"):
+        for name in single:
+            torch.testing.assert_close(getattr(double, kind)[name], getattr(single, kind)[name], rtol=1e-5, atol=1e-12)
