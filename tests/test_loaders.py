@@ -164,3 +164,24 @@ def test_trainer_checkpoint_holds_adapter_files_only(tmp_path):
     files = {p.name for p in (tmp_path / "checkpoint-2").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files
     assert not files & {"model.safetensors", "pytorch_model.bin"}
+
+
+def test_added_adapter_gets_its_own_initial_selection():
+    """add_adapter runs init_selection for the new adapter; reusing a config object makes a new selection."""
+    base, _ = build("mlp")
+    config = random_config(target_modules=["lin0"], seed=1)
+    model = get_peft_model(base, config)
+    model.add_adapter("other", config)  # the very same object
+    layer = model.base_model.model.lin0
+    assert layer.num_entries("other") == layer.num_entries("default") > 0
+    assert model.peft_config["other"] is not model.peft_config["default"]
+    assert not torch.equal(layer.fishertune_indices["other"], torch.arange(layer.num_entries("other")).int())
+
+
+@pytest.mark.parametrize("model_id,name,expected", [("conv", "conv1", (8, 4)), ("conv1d", "c_attn", (6, 12))])
+def test_layers_expose_in_and_out_features(model_id, name, expected):
+    """Conv2d and transformers Conv1D layers expose in_features/out_features like peft's other methods."""
+    base, _ = build(model_id)
+    model = get_peft_model(base, random_config(target_modules=[name]))
+    layer = model.base_model.model.get_submodule(name)
+    assert (layer.in_features, layer.out_features) == expected

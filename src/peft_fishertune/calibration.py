@@ -245,7 +245,7 @@ class _GradientTaker:
             for i, g in enumerate(grads):
                 if g is not None:
                     total[i] = g.float() if total[i] is None else total[i].add_(g)
-        for i, g in enumerate(total):
+        for g in total:
             if g is None:
                 continue
             g.div_(self.scale)
@@ -304,43 +304,47 @@ class _Variational:
         self.gamma, self.tau, self.seed, self.lr = config.gamma, config.tau, config.seed, lr
         self.originals = [w.detach().clone() for w in weights]
         self.rho: dict[str, list[torch.Tensor]] = {}
+        self.sigma: dict[str, list[torch.Tensor]] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.averages = {kind: [torch.zeros_like(w, dtype=_acc_dtype(w)) for w in weights] for kind in KINDS}
         self.averaged = 0
         self.noise: dict[str, list[torch.Tensor]] = {}
 
     def _sigma(self, rho: torch.Tensor) -> torch.Tensor:
-        return (self.tau**-2 + rho.exp()).rsqrt()
+        return rho.exp().add_(self.tau**-2).rsqrt_()
 
     def prepare(self, batch_index: int, shifted: bool) -> None:
         kind = KINDS[int(shifted)]
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 2 * batch_index + int(shifted))
-        noise = [torch.randn(w.shape, generator=generator, dtype=_acc_dtype(w)).to(w.device) for w in self.weights]
+        noise = []
+        for i, (w, original) in enumerate(zip(self.weights, self.originals)):
+            generator = torch.Generator(device=w.device)
+            generator.manual_seed(self.seed * 1_000_003 + (2 * batch_index + int(shifted)) * 4099 + i)
+            e = torch.randn(w.shape, generator=generator, dtype=_acc_dtype(w), device=w.device)
+            sigma = self.sigma[kind][i] if kind in self.sigma else self.tau
+            with torch.no_grad():
+                w.copy_(original).add_((e * sigma).to(w.dtype))
+            noise.append(e)
         self.noise[kind] = noise
-        with torch.no_grad():
-            for i, (w, original, e) in enumerate(zip(self.weights, self.originals, noise)):
-                sigma = self._sigma(self.rho[kind][i]) if kind in self.rho else self.tau
-                w.copy_(original + (sigma * e).to(w.dtype))
 
     def update(self, clean, shifted, step, steps) -> None:
         for kind, grads in zip(KINDS, (clean, shifted)):
             if kind not in self.rho:  # first step: start at the closed-form estimate g^2 / gamma
                 self.rho[kind] = [
                     ((g.square() if g is not None else torch.zeros_like(w, dtype=_acc_dtype(w))) / self.gamma)
-                    .clamp_min(1e-30)
-                    .log()
-                    .to(_acc_dtype(w))
+                    .clamp_min(1e-30).log().to(_acc_dtype(w))
                     for g, w in zip(grads, self.weights)
                 ]
                 self.optimizers[kind] = torch.optim.Adam(self.rho[kind], lr=self.lr)
-                continue
-            for rho, e, g in zip(self.rho[kind], self.noise[kind], grads):
-                sigma = self._sigma(rho)
-                data = e * g if g is not None else torch.zeros_like(rho)
-                d_objective_d_sigma = data - self.gamma * sigma * rho.exp()
-                d_sigma_d_rho = -0.5 * sigma.pow(3) * rho.exp()
-                rho.grad = d_sigma_d_rho * d_objective_d_sigma
-            self.optimizers[kind].step()
+            else:
+                for rho, sigma, e, g in zip(self.rho[kind], self.sigma[kind], self.noise[kind], grads):
+                    exp_rho = rho.exp()
+                    # dObjective/dsigma = e * g - gamma * sigma * exp(rho); dsigma/drho = -sigma^3 * exp(rho) / 2
+                    grad = e.mul_(g) if g is not None else e.zero_()
+                    grad.sub_(self.gamma * sigma * exp_rho).mul_(sigma.pow(3).mul_(exp_rho).mul_(-0.5))
+                    rho.grad = grad
+                self.optimizers[kind].step()
+            self.sigma[kind] = [self._sigma(rho) for rho in self.rho[kind]]
+        self.noise = {}
         if step >= steps // 2:
             self.averaged += 1
             for kind in KINDS:

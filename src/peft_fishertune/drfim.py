@@ -23,7 +23,7 @@ def fisher_from_precision(precision: torch.Tensor, gamma: float, tau: float) -> 
 def domain_term_eq15(
     precision_x: torch.Tensor, precision_shifted: torch.Tensor, w: float, gamma: float, eps: float
 ) -> torch.Tensor:
-    """The domain-sensitivity term of Eq. 15: gamma * w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)."""
+    """Eq. 15's domain term: gamma * w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)."""
     denominator = torch.minimum(precision_x, precision_shifted) + eps / gamma
     return gamma * w * (precision_x - precision_shifted).abs() / denominator
 
@@ -44,7 +44,11 @@ def domain_term_from_fisher(
 def drf_eq15(
     precision_x: torch.Tensor, precision_shifted: torch.Tensor, w: float, gamma: float, tau: float, eps: float
 ) -> torch.Tensor:
-    """DRF = gamma * (Lambda_x - tau^-2 + w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)) (Eq. 15)."""
+    """Eq. 15, DRF =
+    gamma * (Lambda_x - tau^-2 + w * |Lambda_x - Lambda_x'| / (min(Lambda_x, Lambda_x') + eps / gamma)).
+
+    (Written for the precisions; the calibration uses the equal F form of the domain term.)
+    """
     task = fisher_from_precision(precision_x, gamma, tau)
     return task + domain_term_eq15(precision_x, precision_shifted, w, gamma, eps)
 
