@@ -32,15 +32,23 @@ VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
 def build(size: str) -> tuple[TinySegmenter, int]:
     hidden, layers, heads, image = SIZES[size]
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=4 * hidden, image_size=image, patch_size=14)
+    config = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=image,
+        patch_size=14,
+    )
     return TinySegmenter(Dinov2Model(config), num_classes=19), image
 
 
 def batch_for(image: int, batch: int) -> dict:
     generator = torch.Generator().manual_seed(0)
-    return {"pixel_values": torch.rand(batch, 3, image, image, generator=generator),
-            "labels": torch.randint(0, 19, (batch, image, image), generator=generator)}
+    return {
+        "pixel_values": torch.rand(batch, 3, image, image, generator=generator),
+        "labels": torch.randint(0, 19, (batch, image, image), generator=generator),
+    }
 
 
 def train_step_seconds(model, batch, steps: int) -> float:
@@ -83,8 +91,10 @@ def main() -> None:
     rows = [("training step (FisherTune, 15% active + head)", train)]
     for estimator in ("closed_form", "variational"):
         rows.append((f"calibration step, {estimator}", calibration_step_seconds(model, batch, args.steps, estimator)))
-    print(f"\nDinov2 {args.size} ({SIZES[args.size][0]} wide, {SIZES[args.size][1]} blocks), "
-          f"{image}x{image}, batch {args.batch}, {torch.get_num_threads()} threads\n")
+    print(
+        f"\nDinov2 {args.size} ({SIZES[args.size][0]} wide, {SIZES[args.size][1]} blocks), "
+        f"{image}x{image}, batch {args.batch}, {torch.get_num_threads()} threads\n"
+    )
     print("| step | seconds | ratio to training step |")
     print("|---|---|---|")
     for name, seconds in rows:

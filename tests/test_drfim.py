@@ -62,8 +62,9 @@ def test_fisher_form_of_domain_term_equals_eq15():
     gamma, tau, eps, w = 0.01, 0.01, 1e-8, 1.7
     f = torch.tensor([0.0, 1e-4, 3e-3, 0.5, 4.0], dtype=D)
     fs = torch.tensor([2e-4, 0.0, 1e-3, 0.7, 4.0], dtype=D)
-    via_precision = domain_term_eq15(precision_from_fisher(f, gamma, tau), precision_from_fisher(fs, gamma, tau),
-                                     w, gamma, eps)
+    via_precision = domain_term_eq15(
+        precision_from_fisher(f, gamma, tau), precision_from_fisher(fs, gamma, tau), w, gamma, eps
+    )
     torch.testing.assert_close(domain_term_from_fisher(f, fs, w, gamma, tau, eps), via_precision, rtol=1e-6, atol=0)
 
 
@@ -72,8 +73,9 @@ def test_fisher_form_survives_float32():
     f = torch.tensor([1e-8, 3e-8])
     fs = torch.tensor([2e-8, 1e-8])
     precise = domain_term_from_fisher(f.double(), fs.double(), 1.0, 0.01, 0.01, 1e-8)
-    torch.testing.assert_close(domain_term_from_fisher(f, fs, 1.0, 0.01, 0.01, 1e-8).double(), precise, rtol=1e-5,
-                               atol=0)
+    torch.testing.assert_close(
+        domain_term_from_fisher(f, fs, 1.0, 0.01, 0.01, 1e-8).double(), precise, rtol=1e-5, atol=0
+    )
     assert fisher_from_precision(precision_from_fisher(f, 0.01, 0.01), 0.01, 0.01).abs().max() == 0
 
 

@@ -331,7 +331,9 @@ class _Variational:
             if kind not in self.rho:  # first step: start at the closed-form estimate g^2 / gamma
                 self.rho[kind] = [
                     ((g.square() if g is not None else torch.zeros_like(w, dtype=_acc_dtype(w))) / self.gamma)
-                    .clamp_min(1e-30).log().to(_acc_dtype(w))
+                    .clamp_min(1e-30)
+                    .log()
+                    .to(_acc_dtype(w))
                     for g, w in zip(grads, self.weights)
                 ]
                 self.optimizers[kind] = torch.optim.Adam(self.rho[kind], lr=self.lr)
