@@ -8,12 +8,15 @@ model = get_peft_model(base_model, peft_fishertune.FisherTuneConfig(target_modul
 from ._peft_registry import FISHERTUNE as PEFT_TYPE
 from ._peft_registry import register as _register
 from .calibration import calibrate
+from .callback import FisherTuneCallback
 from .config import FisherTuneConfig
 from .layer import FisherTuneLayer
 from .model import FisherTuneModel
 from .perturbation import DomainShift
+from .schedules import density_at
 from .scores import Scores
 from .selection import Selection, global_topk
+from .stages import FisherTuneStages, create_optimizer
 
 __version__ = "0.1.0"
 
@@ -21,6 +24,8 @@ _register(FisherTuneConfig, FisherTuneModel)
 
 __all__ = [
     "DomainShift",
+    "FisherTuneCallback",
+    "FisherTuneStages",
     "FisherTuneConfig",
     "FisherTuneLayer",
     "FisherTuneModel",
@@ -28,5 +33,7 @@ __all__ = [
     "Scores",
     "Selection",
     "calibrate",
+    "create_optimizer",
+    "density_at",
     "global_topk",
 ]

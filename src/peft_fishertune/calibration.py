@@ -73,10 +73,7 @@ def calibrate(
         input_key: the batch key holding the pixels, for the pixel-level shift.
         progress: show a progress bar on the main process.
     """
-    from accelerate import Accelerator
-
-    # Without cpu=True Accelerate treats every torchrun process on a GPU-less machine as a lone process.
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = accelerator or _default_accelerator()
     root, config, names, weights = _candidates(accelerator.unwrap_model(model), adapter_name)
     steps = config.calibration_steps if steps is None else steps
     if not isinstance(steps, int) or steps <= 0:
@@ -149,6 +146,19 @@ def calibrate(
     return Scores(
         fisher=task, fisher_shifted=task_shifted, domain=domain, drf=combine(task, domain, config.lam), meta=meta
     )
+
+
+def _default_accelerator():
+    """The process's Accelerate state when one exists (e.g. a Trainer's), else a new one.
+
+    A new one gets cpu=True on a machine without CUDA: otherwise Accelerate treats every torchrun process
+    there as a lone process.
+    """
+    from accelerate import Accelerator, PartialState
+
+    if PartialState._shared_state:
+        return Accelerator()
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 def _model_loss(model: nn.Module, batch) -> torch.Tensor:

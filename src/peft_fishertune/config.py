@@ -96,6 +96,13 @@ class FisherTuneConfig(PeftConfig):
         default=1.0,
         metadata={"help": "Scale of the noise eps_mu, eps_sigma ~ N(0, 1) applied to the feature statistics; >= 0."},
     )
+    augment_shift: bool = field(
+        default=False,
+        metadata={
+            "help": "Apply the same feature-statistics shift as augmentation to every training forward of the "
+            "tuning stage (a new draw per step), as the paper's comparison suggests its training does."
+        },
+    )
     warmup_steps: int = field(default=10_000, metadata={"help": "T1: decoder-only steps before calibration; >= 0."})
     calibration_steps: int = field(default=2_000, metadata={"help": "T2: batches of the DR-FIM calibration pass; > 0."})
     tuning_steps: int = field(
@@ -143,8 +150,9 @@ class FisherTuneConfig(PeftConfig):
         _check_int("calibration_steps", self.calibration_steps, minimum=1)
         _check_int("tuning_steps", self.tuning_steps, minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"init_weights must be a bool, got {self.init_weights!r}")
+        for name in ("init_weights", "augment_shift"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.perturb_module is not None and not (isinstance(self.perturb_module, str) and self.perturb_module):
             raise ValueError(f"perturb_module must be a module name or None, got {self.perturb_module!r}")
         if not isinstance(self.selection_counts, dict):

@@ -76,24 +76,19 @@ class FisherTuneLayer(BaseTunerLayer):
     ) -> None:
         """Replace the adapter's entries by ``indices`` (flat positions, best first) with ``active`` of them active.
 
-        The values parameter is replaced, so an optimizer built before must be rebuilt (or given the new
-        parameter); the Trainer integration does that.
+        The values Parameter keeps its identity and gets the new length, so an optimizer that holds it
+        goes on working once its state for the parameter is cleared (``FisherTuneStages`` does that).
         """
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before changing its selection.")
         weight = self.get_base_layer().weight
         indices = indices.to(device=weight.device, dtype=torch.int64)
         _check_indices(indices, weight.numel(), where=f"selection of adapter {adapter_name!r}")
-        requires_grad = self._values_require_grad(adapter_name)
         self._set_adapter_tensors(adapter_name, indices.to(INDEX_DTYPE), active, init_weights, seed)
-        self.fishertune_values[adapter_name].requires_grad_(requires_grad)
-
-    def _values_require_grad(self, adapter_name: str) -> bool:
-        if adapter_name in self.fishertune_values:
-            return self.fishertune_values[adapter_name].requires_grad
-        return adapter_name in self.active_adapters and not self.disable_adapters
 
     def _set_adapter_tensors(self, adapter_name, indices, active, init_weights, seed) -> None:
+        """Install ``indices`` and fresh values. An existing values Parameter is resized in place, so that an
+        optimizer holding it keeps working (its state for it must be reset by the caller)."""
         weight = self.get_base_layer().weight
         count = indices.numel()
         if not 0 <= active <= count:
@@ -103,7 +98,11 @@ class FisherTuneLayer(BaseTunerLayer):
         else:  # like peft's other methods, a test-only random init draws from the global RNG
             values = 0.02 * torch.randn(count, dtype=torch.float32)
         value_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        self.fishertune_values[adapter_name] = nn.Parameter(values.to(weight.device, value_dtype))
+        values = values.to(weight.device, value_dtype)
+        if adapter_name in self.fishertune_values:
+            self.fishertune_values[adapter_name].data = values.to(self.fishertune_values[adapter_name].dtype)
+        else:
+            self.fishertune_values[adapter_name] = nn.Parameter(values)
         self.fishertune_indices[adapter_name] = indices
         self.fishertune_active[adapter_name] = torch.tensor(active, dtype=torch.int64, device=weight.device)
         self._active_count[adapter_name] = active

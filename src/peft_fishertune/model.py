@@ -178,12 +178,32 @@ class FisherTuneModel(BaseTuner):
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
+        layers = [m for m in model.modules() if isinstance(m, FisherTuneLayer) and adapter_name in m.fishertune_values]
+        adopt = bool(layers) and not any(layer.num_entries(adapter_name) for layer in layers)
         try:
-            validate_adapter_state_dict(model, adapter_name, remapped)
+            found = validate_adapter_state_dict(model, adapter_name, remapped, adopt=adopt)
         except ValueError:
             _drop_half_loaded_adapter(model, adapter_name)
             raise
+        if adopt:
+            _adopt_selection(model, adapter_name, found)
         return remapped
+
+
+def _adopt_selection(model, adapter_name: str, found: dict) -> None:
+    """Give an adapter that has no selection yet the shapes of the saved one it is loading.
+
+    An adapter made with init_selection="none" holds no entries until ``select``. Loading a selected
+    adapter into it (a Trainer resuming from a checkpoint into a freshly built model, or
+    ``load_state_dict``-style restores) resizes each layer to the saved entries and records the counts in
+    the config; the values then arrive with the state dict. The values Parameters keep their identity.
+    """
+    prefix = "base_model.model." if any(n.startswith("base_model.model.") for n, _ in model.named_modules()) else ""
+    for name, (indices, active) in found.items():
+        layer = model.get_submodule(prefix + name)
+        layer.set_selection(adapter_name, indices.to(torch.int64), int(active))
+    config = model.peft_config[adapter_name]
+    config.selection_counts = {name: int(indices.numel()) for name, (indices, _) in found.items()}
 
 
 def _drop_half_loaded_adapter(model, adapter_name: str) -> None:

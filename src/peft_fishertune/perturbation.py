@@ -96,21 +96,30 @@ class DomainShift:
         if self.strength == 0:  # the identity: nothing to hook
             yield
             return
-        if module_name is None:
-            handle = model.register_forward_pre_hook(self._input_hook(draw, input_key), with_kwargs=True)
-        else:
-            try:
-                module = model.get_submodule(module_name)
-            except AttributeError as error:
-                raise ValueError(f"perturb_module {module_name!r} is not a module of the model") from error
-            handle = module.register_forward_hook(self._output_hook(draw))
+        handle = self.attach(model, module_name, lambda: draw, input_key)
         try:
             yield
         finally:
             handle.remove()
 
-    def _input_hook(self, draw: ShiftDraw, input_key: str):
+    def attach(self, model: nn.Module, module_name: str | None, current_draw, input_key: str = "pixel_values"):
+        """Shift on every forward for which ``current_draw()`` returns a draw (None: leave it alone).
+
+        Returns the hook handle; ``handle.remove()`` detaches it. Used for augmentation while training.
+        """
+        if module_name is None:
+            return model.register_forward_pre_hook(self._input_hook(current_draw, input_key), with_kwargs=True)
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError as error:
+            raise ValueError(f"perturb_module {module_name!r} is not a module of the model") from error
+        return module.register_forward_hook(self._output_hook(current_draw))
+
+    def _input_hook(self, current_draw, input_key: str):
         def hook(module, args, kwargs):
+            draw = current_draw()
+            if draw is None:
+                return None
             if input_key in kwargs:
                 kwargs = {**kwargs, input_key: self.shift(kwargs[input_key], draw)}
             elif args and isinstance(args[0], torch.Tensor):
@@ -121,8 +130,11 @@ class DomainShift:
 
         return hook
 
-    def _output_hook(self, draw: ShiftDraw):
+    def _output_hook(self, current_draw):
         def hook(module, args, output):
+            draw = current_draw()
+            if draw is None:
+                return None
             if isinstance(output, torch.Tensor):
                 return self.shift(output, draw)
             if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):

@@ -1,0 +1,225 @@
+"""The three stages of FisherTune (Algorithm 1) as methods any training loop can call.
+
+    stages = FisherTuneStages(model, calibration_data=loader)
+    for step in range(T1 + T3):
+        ...forward, backward, optimizer.step()...
+        stages.step(step + 1, optimizer)      # after each optimizer step, with the number of steps done
+
+- Warm-up, steps [0, T1): the adapter has no entries; only ``modules_to_save`` (the decoder) trains.
+- Calibration, once T1 steps are done: DR-FIM on ``calibration_data`` (T2 = ``calibration_steps``
+  batches, not optimizer steps), then ``select``: the top ``density_max`` fraction is allocated and the
+  top ``density_min`` fraction is active.
+- Tuning, steps [T1, T1 + T3): before each step the active set follows the density schedule in global
+  rank order; newly active entries start at 0 with their optimizer state zeroed.
+
+Optimizer mechanism: values Parameters keep their identity when a selection resizes them (see
+``FisherTuneLayer.set_selection``), so any optimizer built over the model's trainable parameters before
+training keeps them; after a selection their optimizer state is cleared. Adam's step count stays the
+optimizer's (per tensor): a newly activated entry has zero moments but the bias correction of the
+tensor's step count. For the paper's separate learning rates, build the optimizer with
+``create_optimizer(model, lr=1e-4, backbone_lr=1e-5)``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .calibration import calibrate
+from .layer import FisherTuneLayer
+from .perturbation import DomainShift
+from .schedules import density_at
+from .selection import Selection, count_for_density
+
+GROWTH_FILE = "fishertune_growth.safetensors"
+
+
+@dataclass
+class StageInfo:
+    stage: str  # "warmup" or "tuning"
+    density: float  # active fraction of all candidates (0 in warm-up)
+    active: int  # active entries over all layers
+
+
+class FisherTuneStages:
+    """Warm-up, DR-FIM calibration and growing sparse tuning for one FisherTune adapter."""
+
+    def __init__(
+        self,
+        model,
+        calibration_data=None,
+        adapter_name: str | None = None,
+        accelerator=None,
+        calibration_kwargs: dict | None = None,
+    ):
+        from peft import PeftModel
+
+        self.peft_model = model
+        self.tuner = model.base_model if isinstance(model, PeftModel) else model
+        self.adapter_name = adapter_name or self.tuner.active_adapters[0]
+        self.config = self.tuner.peft_config[self.adapter_name]
+        self.calibration_data = calibration_data
+        self.accelerator = accelerator
+        self.calibration_kwargs = calibration_kwargs or {}
+        self.scores = None
+        self._step = 0
+        self._augmentation = None
+        if self.config.augment_shift:
+            self._attach_augmentation()
+
+    def _attach_augmentation(self) -> None:
+        """Shift x while training in the tuning stage; the draw changes every step and skips calibration's ids."""
+        shift = DomainShift(self.config.perturb_strength, self.config.seed + 1)
+        root = self.tuner.model
+
+        def current_draw():
+            tuning = root.training and self._step >= self.warmup_steps and self.selected
+            return shift.draw(self._step) if tuning else None
+
+        self._augmentation = shift.attach(root, self.config.perturb_module, current_draw)
+
+    def close(self) -> None:
+        """Remove the augmentation hook, if any."""
+        if self._augmentation is not None:
+            self._augmentation.remove()
+            self._augmentation = None
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def warmup_steps(self) -> int:
+        return self.config.warmup_steps
+
+    @property
+    def selected(self) -> bool:
+        return sum(self.config.selection_counts.values()) > 0
+
+    def density(self, global_step: int) -> float:
+        """The scheduled density for the step that follows ``global_step`` completed steps."""
+        if global_step < self.warmup_steps:
+            return 0.0
+        c = self.config
+        return density_at(c.schedule, global_step - self.warmup_steps, c.tuning_steps, c.density_min, c.density_max)
+
+    def info(self, global_step: int) -> StageInfo:
+        stage = "warmup" if global_step < self.warmup_steps or not self.selected else "tuning"
+        active = sum(self.tuner.active_counts(self.adapter_name).values())
+        return StageInfo(stage, self.density(global_step) if stage == "tuning" else 0.0, active)
+
+    # ------------------------------------------------------------------ actions
+    def step(self, global_step: int, optimizer=None) -> StageInfo:
+        """Bring the adapter to the state for the step after ``global_step`` completed optimizer steps."""
+        self._step = global_step
+        if global_step >= self.warmup_steps and not self.selected:
+            self.calibrate_and_select(optimizer)
+        if self.selected:
+            self.set_density(self.density(global_step), optimizer)
+        return self.info(global_step)
+
+    def calibrate_and_select(self, optimizer=None) -> None:
+        """Run the DR-FIM pass on ``calibration_data`` and select; the training RNG stream is left as it was."""
+        if self.calibration_data is None:
+            raise ValueError("FisherTuneStages needs calibration_data to calibrate at the end of the warm-up")
+        with torch.random.fork_rng(devices=_cuda_devices()):
+            self.scores = calibrate(
+                self.peft_model,
+                self.calibration_data,
+                self.config.calibration_steps,
+                accelerator=self.accelerator,
+                adapter_name=self.adapter_name,
+                **self.calibration_kwargs,
+            )
+        self.tuner.select(self.scores, adapter_name=self.adapter_name)
+        if optimizer is not None:
+            for param in self.values():
+                _optimizer_state(optimizer).pop(param, None)
+
+    def set_density(self, density: float, optimizer=None) -> None:
+        """Grow the active prefix to ``density``; zero the optimizer moments of newly active entries."""
+        before = self.tuner.active_counts(self.adapter_name)
+        self.tuner.set_density(density, adapter_name=self.adapter_name)
+        if optimizer is None:
+            return
+        state = _optimizer_state(optimizer)
+        for name, layer in self._layers().items():
+            param = layer.fishertune_values[self.adapter_name]
+            start, end = before[name], layer.active_count(self.adapter_name)
+            for value in state.get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape and end > start:
+                    value[start:end] = 0
+
+    def values(self) -> list[torch.nn.Parameter]:
+        return [layer.fishertune_values[self.adapter_name] for layer in self._layers().values()]
+
+    def _layers(self) -> dict[str, FisherTuneLayer]:
+        return self.tuner._layers(self.adapter_name)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: str) -> None:
+        """Write the growth order (module of each selected entry in global rank order) next to a checkpoint."""
+        selection = self.tuner._selections.get(self.adapter_name)
+        if selection is None:
+            return
+        tensors = {"order": selection.order.contiguous()}
+        save_file(tensors, os.path.join(directory, GROWTH_FILE), metadata={"names": "\n".join(selection.names)})
+
+    def load(self, directory: str) -> None:
+        """Restore the growth order saved by ``save`` (the adapter itself comes with the checkpoint)."""
+        path = os.path.join(directory, GROWTH_FILE)
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: a checkpoint taken after the calibration carries the growth order there"
+            )
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as handle:
+            names = handle.metadata()["names"].split("\n")
+        order = load_file(path)["order"]
+        layers = self._layers()
+        if names != list(layers):
+            raise ValueError(f"{path}: its modules do not match the adapter's ({len(names)} vs {len(layers)})")
+        indices = {name: layer.fishertune_indices[self.adapter_name].long() for name, layer in layers.items()}
+        expected = count_for_density(self.config.density_max, self.tuner.num_candidates(self.adapter_name))
+        if order.numel() != expected or torch.bincount(order.long(), minlength=len(names)).tolist() != [
+            indices[n].numel() for n in names
+        ]:
+            raise ValueError(f"{path}: the growth order does not match the adapter's selection")
+        self.tuner._selections[self.adapter_name] = Selection(names=names, indices=indices, order=order)
+
+
+def create_optimizer(
+    model, lr: float = 1e-4, backbone_lr: float = 1e-5, weight_decay: float = 0.05, **adamw_kwargs
+) -> torch.optim.AdamW:
+    """AdamW with the paper's two learning rates: ``backbone_lr`` for the FisherTune deltas, ``lr`` for the
+    rest that trains (the decoder); biases and norm weights without weight decay.
+
+    Build it right after ``get_peft_model`` (before any selection): the deltas' Parameters keep their
+    identity through selections and loads, so the groups stay valid. Pass it to a Trainer as
+    ``optimizers=(optimizer, None)``.
+    """
+    deltas, decay, no_decay = [], [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if "fishertune_values" in name:
+            deltas.append(param)
+        elif param.ndim <= 1:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    groups = [
+        {"params": deltas, "lr": backbone_lr, "weight_decay": weight_decay, "name": "fishertune_deltas"},
+        {"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "no_decay"},
+    ]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, **adamw_kwargs)
+
+
+def _optimizer_state(optimizer):
+    return getattr(optimizer, "optimizer", optimizer).state
+
+
+def _cuda_devices() -> list[int]:
+    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
