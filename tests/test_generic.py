@@ -15,6 +15,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 from peft_fishertune import FisherTuneConfig, FisherTuneLayer
+from peft_fishertune.encoding import decode
 
 from .models import build, tensor_of
 
@@ -142,21 +143,30 @@ def test_half_precision_forward(case, dtype):
 
 
 def test_adapter_file_holds_k_values_and_k_indices(case, tmp_path):
-    """save_pretrained writes, per layer, exactly k values and k int32 indices (no dense tensors)."""
+    """save_pretrained writes, per layer, exactly k values and a code of exactly k indices (no dense tensors);
+    with index_encoding='int32', exactly k int32 indices."""
     model_id, kwargs = case
-    base, _ = build(model_id)
-    config = make_config(kwargs)
-    model = get_peft_model(base, config)
-    model.save_pretrained(tmp_path)
-    tensors = load_file(tmp_path / "adapter_model.safetensors")
-    counts = json.loads((tmp_path / "adapter_config.json").read_text())["selection_counts"]
-    assert counts == config.selection_counts and sum(counts.values()) > 0
-    for name, k in counts.items():
-        values = tensors[f"base_model.model.{name}.fishertune_values"]
-        indices = tensors[f"base_model.model.{name}.fishertune_indices"]
-        assert values.shape == (k,) and indices.shape == (k,) and indices.dtype == torch.int32
-    fishertune_keys = {key for key in tensors if ".fishertune_" in key}
-    assert len(fishertune_keys) == 3 * len(counts)  # values, indices, active count
+    for encoding in ("auto", "int32"):
+        base, _ = build(model_id)
+        config = make_config(kwargs, index_encoding=encoding)
+        model = get_peft_model(base, config)
+        model.save_pretrained(tmp_path / encoding)
+        tensors = load_file(tmp_path / encoding / "adapter_model.safetensors")
+        counts = json.loads((tmp_path / encoding / "adapter_config.json").read_text())["selection_counts"]
+        assert counts == config.selection_counts and sum(counts.values()) > 0
+        for name, k in counts.items():
+            layer = model.base_model.model.get_submodule(name)
+            values = tensors[f"base_model.model.{name}.fishertune_values"]
+            if encoding == "int32":
+                indices = tensors[f"base_model.model.{name}.fishertune_indices"]
+                assert indices.dtype == torch.int32
+            else:
+                code = tensors[f"base_model.model.{name}.fishertune_code"]
+                indices = decode(code, layer.get_base_layer().weight.numel(), k, name)
+            assert values.shape == (k,) and indices.shape == (k,)
+            assert torch.equal(indices, layer.fishertune_indices["default"])
+        fishertune_keys = {key for key in tensors if ".fishertune_" in key}
+        assert len(fishertune_keys) == 3 * len(counts)  # values, indices or their code, active count
 
 
 ROUND_TRIP_SCRIPT = textwrap.dedent(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -30,13 +31,13 @@ def random_config(**kwargs) -> FisherTuneConfig:
     return FisherTuneConfig(init_selection="random", init_weights=False, density_max=0.3, **kwargs)
 
 
-@pytest.fixture
-def saved_dinov2(tmp_path):
-    """A tiny Dinov2 saved in HF format, and a FisherTune adapter of it saved beside."""
+@pytest.fixture(params=["auto", "int32"])
+def saved_dinov2(tmp_path, request):
+    """A tiny Dinov2 saved in HF format, and a FisherTune adapter of it saved beside (both index encodings)."""
     torch.manual_seed(0)
     tiny_dinov2().save_pretrained(tmp_path / "base")
     base = Dinov2Model.from_pretrained(tmp_path / "base")
-    model = get_peft_model(base, random_config(target_modules=VIT)).eval()
+    model = get_peft_model(base, random_config(target_modules=VIT, index_encoding=request.param)).eval()
     model.save_pretrained(tmp_path / "adapter")
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
@@ -63,13 +64,40 @@ def test_auto_peft_model_loads_base_and_adapter(saved_dinov2):
 
 
 def test_transformers_load_adapter(saved_dinov2):
-    """transformers' model.load_adapter(path) injects FisherTune layers and loads the sparse delta."""
+    """transformers' model.load_adapter(path) loads an int32-index adapter exactly. It copies tensors by name
+    and bypasses peft's load hooks, so a compact index code cannot be read there: the first forward says so
+    instead of running with unloaded indices."""
     path, x, expected = saved_dinov2
     base = Dinov2Model.from_pretrained(path / "base").eval()
     base.load_adapter(str(path / "adapter"), adapter_name="ft")
     assert any(isinstance(m, FisherTuneLayer) for m in base.modules())
+    encoding = json.loads((path / "adapter" / "adapter_config.json").read_text())["index_encoding"]
     with torch.no_grad():
-        torch.testing.assert_close(base(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+        if encoding == "int32":
+            torch.testing.assert_close(base(pixel_values=x).last_hidden_state, expected, rtol=0, atol=0)
+        else:
+            with pytest.raises(RuntimeError, match="never loaded"):
+                base(pixel_values=x)
+
+
+def test_transformers_load_adapter_validates_tampered_indices(tmp_path):
+    """On transformers' load path the indices are checked at first use: a duplicate is refused."""
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    tiny_dinov2().save_pretrained(tmp_path / "base")
+    model = get_peft_model(Dinov2Model.from_pretrained(tmp_path / "base"),
+                           random_config(target_modules=VIT, index_encoding="int32"))
+    model.save_pretrained(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = next(k for k in tensors if k.endswith("q_proj.fishertune_indices"))
+    tensors[key][1] = tensors[key][0]
+    save_file(tensors, file)
+    base = Dinov2Model.from_pretrained(tmp_path / "base").eval()
+    base.load_adapter(str(tmp_path / "adapter"), adapter_name="ft")
+    with pytest.raises(ValueError, match="duplicates"):
+        base(pixel_values=torch.randn(1, 3, 28, 28))
 
 
 def test_low_cpu_mem_usage_load(saved_dinov2):

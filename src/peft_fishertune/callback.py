@@ -47,9 +47,12 @@ class FisherTuneCallback(TrainerCallback):
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         self.stages.step(state.global_step, optimizer)
 
-    def on_train_end(self, args, state, control, **kwargs):
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         if self.stages is not None:
             self.stages.close()
+            # The final adapter's active entries in position order: the smallest file (checkpoints, which must
+            # stay aligned with their optimizer state, are written before this).
+            self.stages.tuner.sort_active(self.stages.adapter_name, optimizer)
 
     def on_save(self, args, state, control, **kwargs):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")

@@ -13,6 +13,8 @@ from ._peft_registry import FISHERTUNE
 SCHEDULES = ("exponential", "linear", "cosine")
 ESTIMATORS = ("closed_form", "variational")
 INIT_SELECTIONS = ("none", "random", "magnitude")
+VALUE_DTYPES = ("float32", "bfloat16", "float16")
+INDEX_ENCODINGS = ("auto", "int32")
 
 
 @dataclass
@@ -122,6 +124,21 @@ class FisherTuneConfig(PeftConfig):
     seed: int = field(
         default=0, metadata={"help": "Seed of the random selection, the random delta and the perturbation noise."}
     )
+    save_value_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32",
+        metadata={
+            "help": f"dtype of the delta values in the saved file, one of {VALUE_DTYPES}; they load back into "
+            "the adapter's working dtype."
+        },
+    )
+    index_encoding: Literal["auto", "int32"] = field(
+        default="auto",
+        metadata={
+            "help": "How saved indices are coded: 'auto' picks per layer the smallest of int32, bit-packed, "
+            "bitmask and Rice gap codes (a uint8 'fishertune_code' tensor); 'int32' writes plain int32 "
+            "'fishertune_indices' tensors."
+        },
+    )
     selection_counts: dict[str, int] = field(
         default_factory=dict,
         metadata={"help": "Written by the model: entries per adapted module at density_max (loading needs it)."},
@@ -142,6 +159,8 @@ class FisherTuneConfig(PeftConfig):
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("estimator", self.estimator, ESTIMATORS)
         _check_choice("init_selection", self.init_selection, INIT_SELECTIONS)
+        _check_choice("save_value_dtype", self.save_value_dtype, VALUE_DTYPES)
+        _check_choice("index_encoding", self.index_encoding, INDEX_ENCODINGS)
         for name in ("gamma", "tau", "eps"):
             _check_range(name, getattr(self, name), 0.0, math.inf, low_open=True)
         _check_range("lam", self.lam, 0.0, 1.0)

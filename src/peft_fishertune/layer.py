@@ -49,12 +49,16 @@ class FisherTuneLayer(BaseTunerLayer):
         self.fishertune_indices = BufferDict(persistent=True)
         self.fishertune_active = BufferDict(persistent=True)
         # Python mirror of fishertune_active: reading a CUDA buffer in every forward would synchronise.
+        # It is refreshed, and the indices re-validated, whenever the buffers are replaced or written by any
+        # loader (the key is the buffers' identity and version counter), see _synced_count.
         self._active_count: dict[str, int] = {}
+        self._sync_key: dict[str, tuple] = {}
+        # Placeholder positions written at allocation, which a load must overwrite before use.
+        self._placeholder: dict[str, tuple] = {}
         # Pre-merge values of the merged entries, restored by unmerge so that it is exact.
         self._merge_backup: dict[str, torch.Tensor] = {}
         self._disable_adapters = False
         self.merged_adapters = []
-        self.register_load_state_dict_post_hook(_refresh_active_counts)
         self.in_features, self.out_features = _in_out_features(self.get_base_layer())
 
     # ------------------------------------------------------------------ allocation
@@ -69,6 +73,8 @@ class FisherTuneLayer(BaseTunerLayer):
             )
         indices = torch.arange(count, dtype=INDEX_DTYPE, device=weight.device)
         self._set_adapter_tensors(adapter_name, indices, count, init_weights, seed)
+        if count:
+            self._placeholder[adapter_name] = _buffer_key(indices)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_selection(
@@ -106,6 +112,33 @@ class FisherTuneLayer(BaseTunerLayer):
         self.fishertune_indices[adapter_name] = indices
         self.fishertune_active[adapter_name] = torch.tensor(active, dtype=torch.int64, device=weight.device)
         self._active_count[adapter_name] = active
+        self._placeholder.pop(adapter_name, None)
+        self._mark_synced(adapter_name)
+
+    def _mark_synced(self, adapter_name: str) -> None:
+        indices, active = self.fishertune_indices[adapter_name], self.fishertune_active[adapter_name]
+        self._sync_key[adapter_name] = _buffer_key(indices) + _buffer_key(active)
+
+    def _synced_count(self, adapter_name: str) -> int:
+        """k_active, after re-checking the buffers if a loader replaced or wrote them since last time."""
+        if adapter_name not in self.fishertune_indices:
+            return 0
+        indices, active = self.fishertune_indices[adapter_name], self.fishertune_active[adapter_name]
+        if self._sync_key.get(adapter_name) != _buffer_key(indices) + _buffer_key(active):
+            where = f"adapter {adapter_name!r}"
+            if self._placeholder.get(adapter_name) == _buffer_key(indices):
+                raise RuntimeError(
+                    f"{where}: the layer's indices were allocated from the config but never loaded. A loader "
+                    "that copies tensors by name (transformers' model.load_adapter) cannot read the compact "
+                    "index code; load with PeftModel.from_pretrained, or save with index_encoding='int32'."
+                )
+            _check_indices(indices, self.get_base_layer().weight.numel(), where)
+            count = int(active)
+            if indices.dtype != INDEX_DTYPE or not 0 <= count <= indices.numel():
+                raise ValueError(f"{where}: loaded indices {indices.dtype} / active count {count} are invalid")
+            self._active_count[adapter_name] = count
+            self._mark_synced(adapter_name)
+        return self._active_count[adapter_name]
 
     # ------------------------------------------------------------------ active prefix
     def num_entries(self, adapter_name: str) -> int:
@@ -114,7 +147,7 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def active_count(self, adapter_name: str) -> int:
         """k_active: the length of the active prefix."""
-        return self._active_count.get(adapter_name, 0)
+        return self._synced_count(adapter_name)
 
     def set_active(self, adapter_name: str, active: int) -> None:
         """Set the active prefix length; entries that become active start at delta 0."""
@@ -123,16 +156,33 @@ class FisherTuneLayer(BaseTunerLayer):
             raise ValueError(f"active count {active} outside [0, {count}] for adapter {adapter_name!r}")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"Adapter {adapter_name!r} is merged; unmerge it before changing its active entries.")
-        old = self._active_count[adapter_name]
+        old = self._synced_count(adapter_name)
         if active > old:
             with torch.no_grad():
                 self.fishertune_values[adapter_name][old:active] = 0
         self.fishertune_active[adapter_name].fill_(active)
         self._active_count[adapter_name] = active
+        self._mark_synced(adapter_name)
+
+    def sort_active(self, adapter_name: str, optimizer_state=None) -> None:
+        """Put the active prefix in ascending position order, moving values and optimizer moments along."""
+        k = self._synced_count(adapter_name)
+        prefix = self.fishertune_indices[adapter_name][:k]
+        if k < 2 or bool((prefix[1:] > prefix[:-1]).all()):
+            return
+        order = torch.argsort(prefix.long(), stable=True)
+        param = self.fishertune_values[adapter_name]
+        with torch.no_grad():
+            self.fishertune_indices[adapter_name][:k] = prefix[order]
+            param[:k] = param[:k][order]
+            for value in (optimizer_state or {}).get(param, {}).values():
+                if torch.is_tensor(value) and value.shape == param.shape:
+                    value[:k] = value[:k][order.to(value.device)]
+        self._mark_synced(adapter_name)
 
     def _active_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int64 positions, values) of the active prefix."""
-        k = self._active_count[adapter_name]
+        k = self._synced_count(adapter_name)
         return self.fishertune_indices[adapter_name][:k].long(), self.fishertune_values[adapter_name][:k]
 
     # ------------------------------------------------------------------ weights
@@ -189,8 +239,8 @@ class FisherTuneLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._active_count.pop(adapter_name, None)
-        self._merge_backup.pop(adapter_name, None)
+        for store in (self._active_count, self._sync_key, self._placeholder, self._merge_backup):
+            store.pop(adapter_name, None)
 
     # ------------------------------------------------------------------ forward
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -201,7 +251,7 @@ class FisherTuneLayer(BaseTunerLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        active = [a for a in self.active_adapters if self._active_count.get(a, 0) > 0]
+        active = [a for a in self.active_adapters if self._synced_count(a) > 0]
         if self.merged or not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
@@ -263,9 +313,9 @@ def _in_out_features(base: nn.Module) -> tuple[int, int]:
     raise TypeError(f"FisherTune does not support {type(base).__name__}")
 
 
-def _refresh_active_counts(module: FisherTuneLayer, incompatible_keys) -> None:
-    for name, tensor in module.fishertune_active.items():
-        module._active_count[name] = int(tensor)
+def _buffer_key(tensor: torch.Tensor) -> tuple:
+    """Changes whenever a tensor is replaced (identity) or written in place (version counter)."""
+    return (id(tensor), tensor._version)
 
 
 def _check_indices(indices: torch.Tensor, numel: int, where: str) -> None:

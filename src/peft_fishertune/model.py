@@ -11,6 +11,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from .config import FisherTuneConfig
 from .layer import LAYER_CLASSES, FisherTuneLayer
 from .selection import Selection, count_for_density, global_topk, initial_scores
+from .serialization import decode_state_dict, encode_state_dict
 from .validation import validate_adapter_state_dict
 
 VIT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
@@ -140,9 +141,10 @@ class FisherTuneModel(BaseTuner):
         density = config.density_min if active_density is None else active_density
         active = selection.counts_at(count_for_density(density, total))
         for name, layer in layers.items():
-            layer.set_selection(
-                adapter_name, selection.indices[name], active[name], init_weights=config.init_weights, seed=config.seed
-            )
+            ranked = selection.indices[name]
+            # The active prefix is a set: ascending order costs nothing now and lets the file use a set code.
+            indices = torch.cat([ranked[: active[name]].sort().values, ranked[active[name] :]])
+            layer.set_selection(adapter_name, indices, active[name], init_weights=config.init_weights, seed=config.seed)
         config.selection_counts = {name: int(selection.indices[name].numel()) for name in layers}
         return dict(config.selection_counts)
 
@@ -173,8 +175,28 @@ class FisherTuneModel(BaseTuner):
         return {name: layer.active_count(adapter_name) for name, layer in self._layers(adapter_name).items()}
 
     # ------------------------------------------------------------------ peft hooks
+    def sort_active(self, adapter_name: Optional[str] = None, optimizer=None) -> None:
+        """Reorder each layer's active prefix by position (values and, if given, optimizer moments with it).
+
+        The adapter means the same afterwards; its saved indices then fit the compact set codes. The growth
+        stage appends entries in rank order, so call this (the callback does, at the end of training) before
+        saving a final adapter.
+        """
+        adapter_name = self._resolve_adapter(adapter_name)
+        state = getattr(optimizer, "optimizer", optimizer).state if optimizer is not None else {}
+        for layer in self._layers(adapter_name).values():
+            layer.sort_active(adapter_name, state)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        """The saved form: values in ``save_value_dtype``; indices as a compact code unless ``index_encoding``
+        is 'int32' (see ``encoding.py``)."""
+        result = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        return encode_state_dict(model, config, adapter_name, result)
+
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = decode_state_dict(model, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
         )
