@@ -4,8 +4,7 @@ A layer's k indices (flat positions into a weight of N entries) are saved as one
 segments: the active prefix [0, k_active) and the inactive rest [k_active, k), each coded by whichever
 of these is smallest for it:
 
-- ``int32``: 4 bytes an index, any order;
-- ``packed``: ceil(log2 N) bits an index, any order;
+- ``packed``: ceil(log2 N) bits an index, any order (always below int32's 32 bits);
 - ``bitmask``: one bit per weight entry, for a strictly ascending segment;
 - ``rice``: Golomb-Rice codes of the gaps between ascending positions (unary quotient, b-bit remainder),
   for a strictly ascending segment. Near log2 C(N, k) bits at any density.
@@ -24,8 +23,8 @@ import struct
 import numpy as np
 import torch
 
-INT32, PACKED, BITMASK, RICE = 0, 1, 2, 3
-KIND_NAMES = {INT32: "int32", PACKED: "packed", BITMASK: "bitmask", RICE: "rice"}
+PACKED, BITMASK, RICE = 1, 2, 3
+KIND_NAMES = {PACKED: "packed", BITMASK: "bitmask", RICE: "rice"}
 _HEADER = struct.Struct("<BQBQ")
 
 
@@ -63,7 +62,7 @@ def decode(blob: torch.Tensor, numel: int, count: int, where: str) -> torch.Tens
 def code_sizes(positions: np.ndarray, numel: int) -> dict[str, int]:
     """Payload bytes of each code that can hold this segment (set codes only for ascending segments)."""
     k = positions.size
-    sizes = {"int32": 4 * k, "packed": math.ceil(k * _width(numel) / 8)}
+    sizes = {"packed": math.ceil(k * _width(numel) / 8)}
     if _ascending(positions):
         sizes["bitmask"] = math.ceil(numel / 8)
         sizes["rice"] = _rice_size(_gaps(positions))[0]
@@ -74,9 +73,7 @@ def _encode_segment(positions: np.ndarray, numel: int) -> bytes:
     sizes = code_sizes(positions, numel)
     kind = min(sizes, key=sizes.get)
     k, param = positions.size, 0
-    if kind == "int32":
-        payload = positions.astype("<i4").tobytes()
-    elif kind == "packed":
+    if kind == "packed":
         param = _width(numel)
         payload = _pack_fixed(positions, param)
     elif kind == "bitmask":
@@ -87,15 +84,11 @@ def _encode_segment(positions: np.ndarray, numel: int) -> bytes:
         gaps = _gaps(positions)
         param = _rice_size(gaps)[1]
         payload = _rice_encode(gaps, param)
-    code = {"int32": INT32, "packed": PACKED, "bitmask": BITMASK, "rice": RICE}[kind]
+    code = {"packed": PACKED, "bitmask": BITMASK, "rice": RICE}[kind]
     return _HEADER.pack(code, k, param, len(payload)) + payload
 
 
 def _decode_segment(kind, n, param, payload, numel, where) -> np.ndarray:
-    if kind == INT32:
-        if payload.size != 4 * n:
-            raise ValueError(f"{where}: int32 index code has {payload.size} bytes for {n} indices")
-        return np.frombuffer(payload.tobytes(), dtype="<i4").astype(np.int64)
     if kind == PACKED:
         if param < 1 or param > 63 or payload.size != math.ceil(n * param / 8):
             raise ValueError(f"{where}: packed index code has {payload.size} bytes for {n} indices of {param} bits")
