@@ -30,8 +30,15 @@ CODE_CASES = [  # (case, numel, positions maker, active, expected segment kinds:
     ("sparse-ascending", 100_000, lambda r: np.sort(r.choice(100_000, 500, replace=False)), 500, [3]),
     ("dense-ascending", 1000, lambda r: np.sort(r.choice(1000, 600, replace=False)), 600, [2]),
     ("unordered", 5000, lambda r: r.choice(5000, 300, replace=False), 300, [1]),
-    ("prefix-and-rest", 50_000, lambda r: np.concatenate(
-        [np.sort(r.choice(25_000, 200, replace=False)), 25_000 + r.choice(25_000, 300, replace=False)]), 200, [3, 1]),
+    (
+        "prefix-and-rest",
+        50_000,
+        lambda r: np.concatenate(
+            [np.sort(r.choice(25_000, 200, replace=False)), 25_000 + r.choice(25_000, 300, replace=False)]
+        ),
+        200,
+        [3, 1],
+    ),
     ("single", 7, lambda r: np.array([6]), 1, [1]),
     ("all", 64, lambda r: np.arange(64), 64, [2]),
 ]
@@ -108,10 +115,12 @@ def dinov2_with_adapter(tmp_path, **config):
 
 
 LOADERS = {
-    "from_pretrained": lambda base_dir, adapter: PeftModel.from_pretrained(Dinov2Model.from_pretrained(base_dir),
-                                                                           adapter),
+    "from_pretrained": lambda base_dir, adapter: PeftModel.from_pretrained(
+        Dinov2Model.from_pretrained(base_dir), adapter
+    ),
     "low_cpu_mem_usage": lambda base_dir, adapter: PeftModel.from_pretrained(
-        Dinov2Model.from_pretrained(base_dir), adapter, low_cpu_mem_usage=True),
+        Dinov2Model.from_pretrained(base_dir), adapter, low_cpu_mem_usage=True
+    ),
     "auto_peft_model": lambda base_dir, adapter: AutoPeftModel.from_pretrained(adapter),
     "load_adapter": lambda base_dir, adapter: _load_second(base_dir, adapter),
 }
@@ -160,8 +169,9 @@ def test_bfloat16_file_is_smaller(tmp_path):
     assert sizes["bfloat16"] * 2 == sizes["float32"]
 
 
-@pytest.mark.parametrize("damage,message", [("truncate", "truncated"), ("drop-one-value", "values say"),
-                                            ("out-of-range", "out of range")])
+@pytest.mark.parametrize(
+    "damage,message", [("truncate", "truncated"), ("drop-one-value", "values say"), ("out-of-range", "out of range")]
+)
 def test_damaged_code_in_adapter_file_rejected_before_loading(tmp_path, damage, message):
     """A damaged code in adapter_model.safetensors raises, naming the module, and leaves the base untouched."""
     base, _ = build("mlp")

@@ -86,8 +86,9 @@ def test_transformers_load_adapter_validates_tampered_indices(tmp_path):
 
     torch.manual_seed(0)
     tiny_dinov2().save_pretrained(tmp_path / "base")
-    model = get_peft_model(Dinov2Model.from_pretrained(tmp_path / "base"),
-                           random_config(target_modules=VIT, index_encoding="int32"))
+    model = get_peft_model(
+        Dinov2Model.from_pretrained(tmp_path / "base"), random_config(target_modules=VIT, index_encoding="int32")
+    )
     model.save_pretrained(tmp_path / "adapter")
     file = tmp_path / "adapter" / "adapter_model.safetensors"
     tensors = load_file(file)

@@ -79,7 +79,11 @@ def test_none_selection_starts_empty_and_select_allocates_globally():
     assert sum(model.base_model.active_counts().values()) == count_for_density(0.01, total)
     expected = global_topk(scores, count_for_density(0.15, total))
     for name, layer in model.base_model._layers().items():
-        got, ranked, k = layer.fishertune_indices["default"].long(), expected.indices[name], layer.active_count("default")
+        got, ranked, k = (
+            layer.fishertune_indices["default"].long(),
+            expected.indices[name],
+            layer.active_count("default"),
+        )
         assert torch.equal(got[:k], ranked[:k].sort().values)  # the active prefix: the same set, ascending
         assert torch.equal(got[k:], ranked[k:])  # the rest: in rank order, the order of growth
         assert layer.fishertune_values["default"].requires_grad

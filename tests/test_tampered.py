@@ -82,7 +82,10 @@ TAMPERINGS = [
 def saved(tmp_path):
     base, x = build("mlp")
     config = FisherTuneConfig(
-        target_modules=["lin0", "lin1"], init_selection="random", init_weights=False, density_max=0.3,
+        target_modules=["lin0", "lin1"],
+        init_selection="random",
+        init_weights=False,
+        density_max=0.3,
         index_encoding="int32",
     )
     get_peft_model(base, config).save_pretrained(tmp_path)

@@ -95,8 +95,10 @@ def _decode_segment(kind, n, param, payload, numel, where) -> np.ndarray:
         return _unpack_fixed(payload, n, param)
     if kind == BITMASK:
         if payload.size != math.ceil(numel / 8):
-            raise ValueError(f"{where}: bitmask has {payload.size} bytes, a weight of {numel} entries needs "
-                             f"{math.ceil(numel / 8)} (truncated or from another model)")
+            raise ValueError(
+                f"{where}: bitmask has {payload.size} bytes, a weight of {numel} entries needs "
+                f"{math.ceil(numel / 8)} (truncated or from another model)"
+            )
         positions = np.flatnonzero(np.unpackbits(payload)[:numel])
         if positions.size != n:
             raise ValueError(f"{where}: bitmask marks {positions.size} entries, its header says {n}")
@@ -147,8 +149,10 @@ def _rice_decode(payload: np.ndarray, n: int, b: int, where: str) -> np.ndarray:
         raise ValueError(f"{where}: rice index code is truncated")
     unary_length = struct.unpack("<Q", payload[:8].tobytes())[0]
     if b > 62 or payload.size != 8 + unary_length + math.ceil(n * b / 8):
-        raise ValueError(f"{where}: rice index code has {payload.size} bytes, its lengths need "
-                         f"{8 + unary_length + math.ceil(n * b / 8)} (truncated or tampered)")
+        raise ValueError(
+            f"{where}: rice index code has {payload.size} bytes, its lengths need "
+            f"{8 + unary_length + math.ceil(n * b / 8)} (truncated or tampered)"
+        )
     ends = np.flatnonzero(np.unpackbits(payload[8 : 8 + unary_length]) == 0)
     if ends.size < n:
         raise ValueError(f"{where}: rice index code holds {ends.size} gaps, its header says {n}")
