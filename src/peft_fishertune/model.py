@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
 from collections.abc import Mapping
 
 import torch
@@ -176,7 +175,7 @@ class FisherTuneModel(BaseTuner):
         return {name: layer.active_count(adapter_name) for name, layer in self._layers(adapter_name).items()}
 
     # ------------------------------------------------------------------ peft hooks
-    def sort_active(self, adapter_name: Optional[str] = None, optimizer=None) -> None:
+    def sort_active(self, adapter_name: str | None = None, optimizer=None) -> None:
         """Reorder each layer's active prefix by position (values and, if given, optimizer moments with it).
 
         The adapter means the same afterwards; its saved indices then fit the compact set codes. The growth
