@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.pytorch_utils import Conv1D
 
+from .sparse_linear import sparse_delta_linear
+
 INDEX_DTYPE = torch.int32
 
 
@@ -257,8 +259,11 @@ class FisherTuneLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks:
             _warn_once_about_base_layer_hooks(type(base).__name__)
-        weight = self._effective_weight(active)
-        return self._apply_weight(self._cast_input_dtype(x, weight.dtype), weight, *args, **kwargs)
+        return self._forward_with_delta(self._cast_input_dtype(x, base.weight.dtype), active, *args, **kwargs)
+
+    def _forward_with_delta(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any):
+        """The base layer's computation with the effective weight (built for this call only)."""
+        return self._apply_weight(x, self._effective_weight(adapter_names), *args, **kwargs)
 
     def __repr__(self) -> str:
         return "fishertune." + super().__repr__()
@@ -279,7 +284,20 @@ class _FisherTuneModule(nn.Module, FisherTuneLayer):
 
 
 class Linear(_FisherTuneModule):
-    """FisherTune on ``nn.Linear``."""
+    """FisherTune on ``nn.Linear``, through ``SparseDeltaLinear``: the effective weight is not kept for backward.
+
+    ``backward_mode``: "dense" gathers the deltas' gradient from the dense weight gradient, "sparse" computes
+    the selected entries only, "auto" picks by density (see ``sparse_linear``).
+    """
+
+    backward_mode = "auto"
+
+    def _forward_with_delta(self, x, adapter_names, *args, **kwargs):
+        base = self.get_base_layer()
+        deltas = [self._active_delta(name) for name in adapter_names]
+        positions = deltas[0][0] if len(deltas) == 1 else torch.cat([p for p, _ in deltas])
+        values = deltas[0][1] if len(deltas) == 1 else torch.cat([v for _, v in deltas])
+        return sparse_delta_linear(x, base.weight, base.bias, positions, values, self.backward_mode)
 
     def _apply_weight(self, x, weight, *args, **kwargs):
         return F.linear(x, weight, self.get_base_layer().bias)  # (..., out_features)

@@ -1,0 +1,83 @@
+"""SparseDeltaLinear: the same numbers as autograd through index_add + F.linear, without saving the weight."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+
+from peft_fishertune.sparse_linear import sparse_delta_linear
+
+
+def setup(density=0.15, weight_grad=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(48, 32, generator=generator).requires_grad_(weight_grad)
+    bias = torch.randn(48, generator=generator).requires_grad_(True)
+    k = int(density * weight.numel())
+    positions = torch.randperm(weight.numel(), generator=generator)[:k]
+    values = torch.randn(k, generator=generator).requires_grad_(True)
+    x = torch.randn(3, 7, 32, generator=generator).requires_grad_(True)
+    return x, weight, bias, positions, values
+
+
+def reference(x, weight, bias, positions, values):
+    effective = weight.reshape(-1).index_add(0, positions, values).view_as(weight)
+    return F.linear(x, effective, bias)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse", "auto"])
+@pytest.mark.parametrize("density", [0.01, 0.15, 1.0])
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_matches_autograd_reference(mode, density, weight_grad):
+    """Outputs and the gradients of x, bias, values (and W when it requires grad) agree to 1e-6 relative."""
+    tensors = setup(density, weight_grad)
+    grad = torch.randn(3, 7, 48, generator=torch.Generator().manual_seed(9))
+    out = sparse_delta_linear(*tensors, mode=mode)
+    got = torch.autograd.grad(out, [t for t in tensors if t.requires_grad], grad)
+    ref_tensors = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    ref_out = reference(*ref_tensors)
+    expected = torch.autograd.grad(ref_out, [t for t in ref_tensors if t.requires_grad], grad)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_effective_weight_is_not_saved_for_backward():
+    """The graph holds x, W, positions and values; no tensor of W's size other than W itself."""
+    x, weight, bias, positions, values = setup()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        sparse_delta_linear(x, weight, bias, positions, values)
+    assert not any(t.numel() == weight.numel() and t.data_ptr() != weight.data_ptr() for t in saved)
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        reference(x, weight, bias, positions, values)
+    assert any(t.numel() == weight.numel() and t.data_ptr() != weight.data_ptr() for t in saved)  # naive way does
+
+
+def test_bf16_autocast_matches_reference():
+    """Under CPU bf16 autocast the output and gradients match autograd's to bf16 precision."""
+    tensors = setup()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = sparse_delta_linear(*tensors)
+    assert out.dtype == torch.bfloat16
+    got = torch.autograd.grad(out.float().sum(), [tensors[0], tensors[4]])
+    ref_tensors = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference(*ref_tensors)
+    expected = torch.autograd.grad(ref.float().sum(), [ref_tensors[0], ref_tensors[4]])
+    torch.testing.assert_close(out.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert got[0].dtype == torch.float32
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_gradient_checkpointing():
+    """Recomputing the forward inside torch.utils.checkpoint gives the same gradients."""
+    tensors = setup()
+    direct = torch.autograd.grad(sparse_delta_linear(*tensors).pow(2).sum(), [tensors[0], tensors[4]])
+    checkpointed = checkpoint(lambda *t: sparse_delta_linear(*t).pow(2).sum(), *tensors, use_reentrant=False)
+    again = torch.autograd.grad(checkpointed, [tensors[0], tensors[4]])
+    for a, b in zip(direct, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
