@@ -190,3 +190,18 @@ def test_layer_keeps_no_dense_copy_of_its_weight():
         stored += [t for d in (layer._merge_backup,) for t in d.values()]
         large = [t for t in stored if t.numel() >= weight.numel() and t is not weight]
         assert not large
+
+
+@pytest.mark.parametrize("k", [1, 777, 20_000, 42_799])
+def test_threshold_path_equals_exact_path(k):
+    """The sampled-threshold selection gives the exact selection and order, ties included."""
+    from peft_fishertune.selection import _exact_topk, _flat_scores
+
+    torch.manual_seed(0)
+    scores = {"a": (torch.rand(30, 700) * 50).floor(), "b": (torch.rand(20_000) * 50).floor(),
+              "c": torch.rand(3, 100, 6)}  # many ties in a and b
+    fast = global_topk(scores, k, sample_size=1000)
+    exact = _exact_topk(list(scores), [_flat_scores(n, s) for n, s in scores.items()], k)
+    assert torch.equal(fast.order, exact.order)
+    for name in scores:
+        assert torch.equal(fast.indices[name], exact.indices[name]), name

@@ -164,7 +164,7 @@ class FisherTuneModel(BaseTuner):
                 f"[{config.density_min}, {config.density_max}], got {density!r}"
             )
         selection = self._selections[adapter_name]
-        k = min(count_for_density(density, self.num_candidates(adapter_name)), selection.order.numel())
+        k = min(count_for_density(density, self.num_candidates(adapter_name)), selection.total)
         for name, count in selection.counts_at(k).items():
             self.model.get_submodule(name).set_active(adapter_name, count)
         return k

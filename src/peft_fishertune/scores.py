@@ -77,7 +77,7 @@ class Scores(Mapping):
         """Per module: mean of each score kind and the fraction of its weights in the global top ``density``."""
         total = sum(t.numel() for t in self.drf.values())
         selection = global_topk(self.drf, count_for_density(density, total))
-        counts = selection.counts_at(selection.order.numel())
+        counts = selection.counts_at(selection.total)
         return {
             name: {
                 **{f"mean_{kind}": float(getattr(self, kind)[name].double().mean()) for kind in KINDS},

@@ -32,7 +32,7 @@ from .calibration import calibrate
 from .layer import FisherTuneLayer
 from .perturbation import DomainShift
 from .schedules import density_at
-from .selection import Selection, count_for_density
+from .selection import Selection
 
 GROWTH_FILE = "fishertune_growth.safetensors"
 
@@ -158,11 +158,11 @@ class FisherTuneStages:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
-        """Write the growth order (module of each selected entry in global rank order) next to a checkpoint."""
+        """Write each layer's selected scores (descending), from which the growth order follows, next to a checkpoint."""
         selection = self.tuner._selections.get(self.adapter_name)
         if selection is None:
             return
-        tensors = {"order": selection.order.contiguous()}
+        tensors = {f"scores/{name}": selection.scores[name].contiguous() for name in selection.names}
         save_file(tensors, os.path.join(directory, GROWTH_FILE), metadata={"names": "\n".join(selection.names)})
 
     def load(self, directory: str) -> None:
@@ -176,17 +176,15 @@ class FisherTuneStages:
 
         with safe_open(path, framework="pt") as handle:
             names = handle.metadata()["names"].split("\n")
-        order = load_file(path)["order"]
+        tensors = load_file(path)
         layers = self._layers()
         if names != list(layers):
             raise ValueError(f"{path}: its modules do not match the adapter's ({len(names)} vs {len(layers)})")
+        scores = {name: tensors.get(f"scores/{name}") for name in names}
         indices = {name: layer.fishertune_indices[self.adapter_name].long() for name, layer in layers.items()}
-        expected = count_for_density(self.config.density_max, self.tuner.num_candidates(self.adapter_name))
-        if order.numel() != expected or torch.bincount(order.long(), minlength=len(names)).tolist() != [
-            indices[n].numel() for n in names
-        ]:
-            raise ValueError(f"{path}: the growth order does not match the adapter's selection")
-        self.tuner._selections[self.adapter_name] = Selection(names=names, indices=indices, order=order)
+        if any(scores[n] is None or scores[n].numel() != indices[n].numel() for n in names):
+            raise ValueError(f"{path}: the saved scores do not match the adapter's selection")
+        self.tuner._selections[self.adapter_name] = Selection(names=names, indices=indices, scores=scores)
 
 
 def create_optimizer(
