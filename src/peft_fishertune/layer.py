@@ -183,9 +183,9 @@ class FisherTuneLayer(BaseTunerLayer):
         self._mark_synced(adapter_name)
 
     def _active_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(int64 positions, values) of the active prefix."""
+        """(int32 positions, values) of the active prefix: views, no copies (index_add takes int32 indices)."""
         k = self._synced_count(adapter_name)
-        return self.fishertune_indices[adapter_name][:k].long(), self.fishertune_values[adapter_name][:k]
+        return self.fishertune_indices[adapter_name][:k], self.fishertune_values[adapter_name][:k]
 
     # ------------------------------------------------------------------ weights
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -222,7 +222,7 @@ class FisherTuneLayer(BaseTunerLayer):
             merged = backup + values.detach().to(weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            flat.index_copy_(0, positions, merged)
+            flat.index_copy_(0, positions.long(), merged)
             self._merge_backup[name] = backup
             self.merged_adapters.append(name)
 
@@ -237,7 +237,7 @@ class FisherTuneLayer(BaseTunerLayer):
                 continue
             positions, _ = self._active_delta(name)
             backup = self._merge_backup.pop(name).to(weight.device)
-            weight.data.view(-1).index_copy_(0, positions, backup)
+            weight.data.view(-1).index_copy_(0, positions.long(), backup)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)

@@ -137,7 +137,8 @@ class FisherTuneModel(BaseTuner):
         scores = _align_scores(scores, layers)
         total = sum(s.numel() for s in scores.values())
         selection = global_topk(scores, count_for_density(config.density_max, total))
-        self._selections[adapter_name] = selection
+        # Growth needs only each layer's descending scores; the layers hold the indices.
+        self._selections[adapter_name] = Selection(selection.names, {}, selection.scores)
         density = config.density_min if active_density is None else active_density
         active = selection.counts_at(count_for_density(density, total))
         for name, layer in layers.items():
