@@ -81,3 +81,29 @@ def test_gradient_checkpointing():
     again = torch.autograd.grad(checkpointed, [tensors[0], tensors[4]])
     for a, b in zip(direct, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fishertune_model_with_gradient_checkpointing_and_autocast():
+    """A FisherTune Dinov2 gives the same delta gradients with transformers' gradient checkpointing on, and
+    trains under bf16 autocast."""
+    from peft import get_peft_model
+
+    from peft_fishertune import FisherTuneConfig
+    from peft_fishertune.quickstart import build_model, synthetic_batch
+
+    images, labels = synthetic_batch(2, torch.Generator().manual_seed(0))
+    grads = []
+    for checkpointing in (False, True):
+        model = get_peft_model(build_model(), FisherTuneConfig(
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], init_selection="random"))
+        if checkpointing:
+            model.base_model.model.backbone.gradient_checkpointing_enable({"use_reentrant": False})
+        model.train()
+        model(pixel_values=images, labels=labels).loss.backward()
+        grads.append([p.grad.clone() for n, p in model.named_parameters() if "fishertune_values" in n])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(pixel_values=images, labels=labels).loss
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if "fishertune_values" in n)

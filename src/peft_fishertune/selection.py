@@ -4,31 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import torch
 
 
-@dataclass
 class Selection:
     """The result of a global selection.
 
-    ``indices[name]`` holds the flat positions chosen in that module, best score first, and
-    ``scores[name]`` their scores (descending). The global ranking is: higher score first, equal scores by
-    module order, then position. ``counts_at(k)`` says how many of each module's entries lie in the global
-    top k; it needs no global sort.
+    ``indices[name]`` holds the flat positions chosen in that module, best score first (empty once the
+    layers hold them), and ``scores[name]`` their scores, descending. The global ranking is: higher score
+    first, equal scores by module order, then position. ``counts_at(k)`` says how many of each module's
+    entries lie in the global top k, with no global sort. The scores are kept as int32 keys whose integer
+    order is the score order (4 bytes an entry).
     """
 
-    names: list[str]
-    indices: dict[str, torch.Tensor]  # name -> (k_l,) int64, best first
-    scores: dict[str, torch.Tensor]  # name -> (k_l,) float32, descending
+    def __init__(self, names: list[str], indices: dict[str, torch.Tensor], scores: dict[str, torch.Tensor]):
+        self.names = list(names)
+        self.indices = indices
+        self._keys = {name: _sortable(-scores[name].float() + 0.0) for name in self.names}  # ascending
 
-    def __post_init__(self):
-        self._keys = {name: _sortable(-self.scores[name]) for name in self.names}  # ascending int64 keys
+    @property
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {name: -_sortable(key).view(torch.float32) for name, key in self._keys.items()}
 
     @property
     def total(self) -> int:
-        return sum(s.numel() for s in self.scores.values())
+        return sum(key.numel() for key in self._keys.values())
 
     def counts_at(self, k: int) -> dict[str, int]:
         """Entries of each module among the global top ``k`` (0 <= k <= total)."""
@@ -36,43 +37,43 @@ class Selection:
             raise ValueError(f"k={k} outside [0, {self.total}]")
         if k == 0:
             return dict.fromkeys(self.names, 0)
-        # Bisection over the sortable integer keys of -score for the k-th smallest key, i.e. the k-th best score.
-        low, high = min(int(v[0]) for v in self._keys.values() if v.numel()), max(
-            int(v[-1]) for v in self._keys.values() if v.numel())
+        # Bisection over the keys for the k-th smallest key, i.e. the k-th best score.
+        filled = [key for key in self._keys.values() if key.numel()]
+        low, high = min(int(key[0]) for key in filled), max(int(key[-1]) for key in filled)
         while low < high:
             middle = (low + high) // 2
             if self._count_at_most(middle) >= k:
                 high = middle
             else:
                 low = middle + 1
-        key = torch.tensor([low])
-        better = {n: int(torch.searchsorted(self._keys[n], key, right=False)) for n in self.names}
+        probe = torch.tensor([low], dtype=torch.int32)
+        better = {n: int(torch.searchsorted(self._keys[n], probe, right=False)) for n in self.names}
         ties_left = k - sum(better.values())
         counts = {}
         for name in self.names:
-            ties = int(torch.searchsorted(self._keys[name], key, right=True)) - better[name]
+            ties = int(torch.searchsorted(self._keys[name], probe, right=True)) - better[name]
             take = min(ties, ties_left)
             ties_left -= take
             counts[name] = better[name] + take
         return counts
 
     def _count_at_most(self, key: int) -> int:
-        probe = torch.tensor([key])
+        probe = torch.tensor([key], dtype=torch.int32)
         return sum(int(torch.searchsorted(v, probe, right=True)) for v in self._keys.values())
 
     @property
     def order(self) -> torch.Tensor:
         """Module ids of all selected entries in global rank order (a global sort: for tests and inspection)."""
-        selected = torch.cat([self.scores[n] for n in self.names])
+        keys = torch.cat([self._keys[n] for n in self.names])
         module_ids = torch.repeat_interleave(torch.arange(len(self.names), dtype=torch.int32),
-                                             torch.tensor([self.scores[n].numel() for n in self.names]))
-        return module_ids[torch.sort(selected, descending=True, stable=True).indices]
+                                             torch.tensor([self._keys[n].numel() for n in self.names]))
+        return module_ids[torch.sort(keys, stable=True).indices]
 
 
 def _sortable(values: torch.Tensor) -> torch.Tensor:
-    """int64 keys whose order is the float32 order of ``values`` (sign-magnitude to two's complement)."""
-    bits = values.float().contiguous().view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits)
+    """int32 keys whose integer order is the float32 order of ``values`` (its own inverse on the bits)."""
+    bits = values.contiguous().view(torch.int32) if values.dtype == torch.float32 else values
+    return torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
 
 def count_for_density(density: float, total: int) -> int:
