@@ -18,8 +18,14 @@ import time
 
 import torch
 
-SHAPES = {"q_proj": (1024, 1024), "k_proj": (1024, 1024), "v_proj": (1024, 1024), "o_proj": (1024, 1024),
-          "fc1": (4096, 1024), "fc2": (1024, 4096)}
+SHAPES = {
+    "q_proj": (1024, 1024),
+    "k_proj": (1024, 1024),
+    "v_proj": (1024, 1024),
+    "o_proj": (1024, 1024),
+    "fc1": (4096, 1024),
+    "fc2": (1024, 4096),
+}
 
 
 def rss_mb() -> float:
@@ -34,8 +40,11 @@ def one(density: float, blocks: int) -> dict:
     from peft_fishertune.selection import count_for_density, global_topk
 
     generator = torch.Generator().manual_seed(0)
-    scores = {f"encoder.layer.{b}.{n}": torch.randn(shape, generator=generator).exp_().square_()
-              for b in range(blocks) for n, shape in SHAPES.items()}
+    scores = {
+        f"encoder.layer.{b}.{n}": torch.randn(shape, generator=generator).exp_().square_()
+        for b in range(blocks)
+        for n, shape in SHAPES.items()
+    }
     total = sum(s.numel() for s in scores.values())
     before = rss_mb()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -43,8 +52,14 @@ def one(density: float, blocks: int) -> dict:
     selection = global_topk(scores, count_for_density(density, total))
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"density": density, "total": total, "k": int(selection.order.numel()), "seconds": seconds,
-            "extra_mb": peak - max(before, peak_before) if peak > peak_before else 0.0, "scores_mb": total * 4 / 2**20}
+    return {
+        "density": density,
+        "total": total,
+        "k": int(selection.order.numel()),
+        "seconds": seconds,
+        "extra_mb": peak - max(before, peak_before) if peak > peak_before else 0.0,
+        "scores_mb": total * 4 / 2**20,
+    }
 
 
 def main() -> None:
@@ -59,11 +74,17 @@ def main() -> None:
     print("| density | candidates | selected | seconds | extra peak MB (scores: MB) |")
     print("|---|---|---|---|---|")
     for density in (0.01, 0.15):
-        out = subprocess.run([sys.executable, __file__, "--blocks", str(args.blocks), "--one", str(density)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [sys.executable, __file__, "--blocks", str(args.blocks), "--one", str(density)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         r = json.loads(out.strip().splitlines()[-1])
-        print(f"| {r['density']:.0%} | {r['total']:,} | {r['k']:,} | {r['seconds']:.1f} | "
-              f"{r['extra_mb']:.0f} ({r['scores_mb']:.0f}) |")
+        print(
+            f"| {r['density']:.0%} | {r['total']:,} | {r['k']:,} | {r['seconds']:.1f} | "
+            f"{r['extra_mb']:.0f} ({r['scores_mb']:.0f}) |"
+        )
 
 
 if __name__ == "__main__":

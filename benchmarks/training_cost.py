@@ -44,8 +44,14 @@ def build(size: str, method: str, density: float):
 
     hidden, layers, heads = SIZES[size]
     torch.manual_seed(0)
-    config = Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                          intermediate_size=4 * hidden, image_size=224, patch_size=14)
+    config = Dinov2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+        image_size=224,
+        patch_size=14,
+    )
     model = TinySegmenter(Dinov2Model(config), num_classes=19)
     if method == "full":
         return model
@@ -54,8 +60,12 @@ def build(size: str, method: str, density: float):
         return model
     if method == "lora":
         return get_peft_model(model, LoraConfig(target_modules=VIT, r=16, modules_to_save=["decode_head"]))
-    peft_model = get_peft_model(model, FisherTuneConfig(target_modules=VIT, modules_to_save=["decode_head"],
-                                                        init_selection="random", density_max=density))
+    peft_model = get_peft_model(
+        model,
+        FisherTuneConfig(
+            target_modules=VIT, modules_to_save=["decode_head"], init_selection="random", density_max=density
+        ),
+    )
     if method == "fishertune-naive":
         from peft_fishertune.layer import FisherTuneLayer, Linear
 
@@ -66,8 +76,10 @@ def build(size: str, method: str, density: float):
 def run_one(size: str, method: str, density: float, steps: int, batch: int) -> dict:
     model = build(size, method, density)
     generator = torch.Generator().manual_seed(0)
-    inputs = {"pixel_values": torch.rand(batch, 3, 224, 224, generator=generator),
-              "labels": torch.randint(0, 19, (batch, 224, 224), generator=generator)}
+    inputs = {
+        "pixel_values": torch.rand(batch, 3, 224, 224, generator=generator),
+        "labels": torch.randint(0, 19, (batch, 224, 224), generator=generator),
+    }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     model.train()
@@ -83,11 +95,21 @@ def run_one(size: str, method: str, density: float, steps: int, batch: int) -> d
         loss.backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                      if torch.is_tensor(t) and t.dim() > 0)
-    result = {"size": size, "method": method, "density": density, "step_s": statistics.median(times[1:]),
-              "peak_mb": status_mb("VmHWM"), "trainable": sum(p.numel() for p in params),
-              "optimizer_mb": state_bytes / 2**20}
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for s in optimizer.state.values()
+        for t in s.values()
+        if torch.is_tensor(t) and t.dim() > 0
+    )
+    result = {
+        "size": size,
+        "method": method,
+        "density": density,
+        "step_s": statistics.median(times[1:]),
+        "peak_mb": status_mb("VmHWM"),
+        "trainable": sum(p.numel() for p in params),
+        "optimizer_mb": state_bytes / 2**20,
+    }
     if method == "fishertune":
         result.update(inference_overhead(model, inputs["pixel_values"]))
     return result
@@ -123,8 +145,10 @@ def main() -> None:
         size, method, density = args.one
         print(json.dumps(run_one(size, method, float(density), args.steps, args.batch)))
         return
-    print(f"\nDINOv2 segmenter, 224x224, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.steps} steps\n")
+    print(
+        f"\nDINOv2 segmenter, 224x224, batch {args.batch}, {torch.get_num_threads()} threads, "
+        f"median of {args.steps} steps\n"
+    )
     print("| size | method | density | step s | vs full | peak RSS MB | vs full | trainable | optimizer MB |")
     print("|---|---|---|---|---|---|---|---|---|")
     overhead = []
@@ -133,23 +157,41 @@ def main() -> None:
         for method in args.methods:
             densities = args.densities if method.startswith("fishertune") else [0.0]
             for density in densities:
-                out = subprocess.run([sys.executable, __file__, "--steps", str(args.steps), "--batch",
-                                      str(args.batch), "--one", size, method, str(density)],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--batch",
+                        str(args.batch),
+                        "--one",
+                        size,
+                        method,
+                        str(density),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
         full = next((r for r in runs if r["method"] == "full"), runs[0])
         for r in runs:
             density = f"{r['density']:.0%}" if r["method"].startswith("fishertune") else "-"
-            print(f"| {size} | {r['method']} | {density} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f}x | "
-                  f"{r['peak_mb']:.0f} | {r['peak_mb'] / full['peak_mb']:.2f}x | {r['trainable']:,} | "
-                  f"{r['optimizer_mb']:.1f} |")
+            print(
+                f"| {size} | {r['method']} | {density} | {r['step_s']:.2f} | {r['step_s'] / full['step_s']:.2f}x | "
+                f"{r['peak_mb']:.0f} | {r['peak_mb'] / full['peak_mb']:.2f}x | {r['trainable']:,} | "
+                f"{r['optimizer_mb']:.1f} |"
+            )
             if "unmerged_s" in r:
                 overhead.append(r)
     if overhead:
         print("\n| size | density | unmerged forward s | merged forward s | ratio |\n|---|---|---|---|---|")
         for r in overhead:
-            print(f"| {r['size']} | {r['density']:.0%} | {r['unmerged_s']:.3f} | {r['merged_s']:.3f} | "
-                  f"{r['unmerged_s'] / r['merged_s']:.2f}x |")
+            print(
+                f"| {r['size']} | {r['density']:.0%} | {r['unmerged_s']:.3f} | {r['merged_s']:.3f} | "
+                f"{r['unmerged_s'] / r['merged_s']:.2f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -198,8 +198,11 @@ def test_threshold_path_equals_exact_path(k):
     from peft_fishertune.selection import _exact_topk, _flat_scores
 
     torch.manual_seed(0)
-    scores = {"a": (torch.rand(30, 700) * 50).floor(), "b": (torch.rand(20_000) * 50).floor(),
-              "c": torch.rand(3, 100, 6)}  # many ties in a and b
+    scores = {
+        "a": (torch.rand(30, 700) * 50).floor(),
+        "b": (torch.rand(20_000) * 50).floor(),
+        "c": torch.rand(3, 100, 6),
+    }  # many ties in a and b
     fast = global_topk(scores, k, sample_size=1000)
     exact = _exact_topk(list(scores), [_flat_scores(n, s) for n, s in scores.items()], k)
     assert torch.equal(fast.order, exact.order)

@@ -94,8 +94,12 @@ def test_fishertune_model_with_gradient_checkpointing_and_autocast():
     images, labels = synthetic_batch(2, torch.Generator().manual_seed(0))
     grads = []
     for checkpointing in (False, True):
-        model = get_peft_model(build_model(), FisherTuneConfig(
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], init_selection="random"))
+        model = get_peft_model(
+            build_model(),
+            FisherTuneConfig(
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"], init_selection="random"
+            ),
+        )
         if checkpointing:
             model.base_model.model.backbone.gradient_checkpointing_enable({"use_reentrant": False})
         model.train()

@@ -65,8 +65,9 @@ class Selection:
     def order(self) -> torch.Tensor:
         """Module ids of all selected entries in global rank order (a global sort: for tests and inspection)."""
         keys = torch.cat([self._keys[n] for n in self.names])
-        module_ids = torch.repeat_interleave(torch.arange(len(self.names), dtype=torch.int32),
-                                             torch.tensor([self._keys[n].numel() for n in self.names]))
+        module_ids = torch.repeat_interleave(
+            torch.arange(len(self.names), dtype=torch.int32), torch.tensor([self._keys[n].numel() for n in self.names])
+        )
         return module_ids[torch.sort(keys, stable=True).indices]
 
 
@@ -120,8 +121,9 @@ def global_topk(scores: Mapping[str, torch.Tensor], k: int, sample_size: int = 1
         return chosen[ranked], ranked_scores
 
     picked = _parallel(pick, list(zip(flat, take)))
-    return Selection(names=names, indices={n: p[0] for n, p in zip(names, picked)},
-                     scores={n: p[1] for n, p in zip(names, picked)})
+    return Selection(
+        names=names, indices={n: p[0] for n, p in zip(names, picked)}, scores={n: p[1] for n, p in zip(names, picked)}
+    )
 
 
 def _parallel(function, items):
@@ -156,18 +158,25 @@ def _kth_largest(flat: list[torch.Tensor], k: int, sample_size: int) -> tuple[fl
     """The exact k-th largest value T over all tensors, found through a sampled bracket, and the count above T."""
     total = sum(f.numel() for f in flat)
     generator = torch.Generator().manual_seed(0)
-    sample = torch.cat([
-        f[torch.randint(f.numel(), (max(1, round(sample_size * f.numel() / total)),), generator=generator)]
-        for f in flat
-    ]).sort(descending=True).values  # (m,)
+    sample = (
+        torch.cat(
+            [
+                f[torch.randint(f.numel(), (max(1, round(sample_size * f.numel() / total)),), generator=generator)]
+                for f in flat
+            ]
+        )
+        .sort(descending=True)
+        .values
+    )  # (m,)
     m = sample.numel()
     fraction = k / total
     margin = 6 * (fraction * (1 - fraction) * m) ** 0.5 + 16
     for _ in range(4):
         high = float(sample[max(0, int(fraction * m - margin))])
         low = float(sample[min(m - 1, int(fraction * m + margin))])
-        above_high = sum(_parallel(lambda f: int((f > high).sum()), flat))
-        band = torch.cat(_parallel(lambda f: f[(f >= low) & (f <= high)], flat)).sort(descending=True).values
+        above_high = sum(_parallel(lambda f, high=high: int((f > high).sum()), flat))
+        inside = _parallel(lambda f, low=low, high=high: f[(f >= low) & (f <= high)], flat)
+        band = torch.cat(inside).sort(descending=True).values
         if above_high < k <= above_high + band.numel():
             threshold = band[k - above_high - 1]
             return float(threshold), above_high + int((band > threshold).sum())

@@ -158,7 +158,7 @@ class FisherTuneStages:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, directory: str) -> None:
-        """Write each layer's selected scores (descending), from which the growth order follows, next to a checkpoint."""
+        """Write each layer's selected scores (descending), from which the growth order follows, to a checkpoint."""
         selection = self.tuner._selections.get(self.adapter_name)
         if selection is None:
             return
