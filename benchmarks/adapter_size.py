@@ -19,19 +19,11 @@ import time
 
 import numpy as np
 import torch
+from common import VIT_L_SHAPES as SHAPES
 from safetensors.torch import save_file
 
 from peft_fishertune.encoding import encode
 from peft_fishertune.serialization import VALUE_DTYPES
-
-SHAPES = {
-    "q_proj": (1024, 1024),
-    "k_proj": (1024, 1024),
-    "v_proj": (1024, 1024),
-    "o_proj": (1024, 1024),
-    "fc1": (4096, 1024),
-    "fc2": (1024, 4096),
-}
 
 
 def lower_bound_bytes(numel: int, k: int) -> float:

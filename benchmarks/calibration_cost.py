@@ -15,32 +15,17 @@ import statistics
 import time
 
 import torch
+from common import DINOV2_SIZES, VIT, dinov2_segmenter
 from peft import get_peft_model
-from transformers import Dinov2Config, Dinov2Model
 
 from peft_fishertune import FisherTuneConfig, calibrate
 from peft_fishertune.quickstart import TinySegmenter
 
-SIZES = {  # (hidden, layers, heads, image)
-    "tiny": (32, 2, 2, 56),
-    "small": (384, 12, 6, 224),
-    "base": (768, 12, 12, 224),
-}
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+IMAGE = {"tiny": 56, "small": 224, "base": 224, "large": 224}
 
 
 def build(size: str) -> tuple[TinySegmenter, int]:
-    hidden, layers, heads, image = SIZES[size]
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        image_size=image,
-        patch_size=14,
-    )
-    return TinySegmenter(Dinov2Model(config), num_classes=19), image
+    return dinov2_segmenter(size, image=IMAGE[size]), IMAGE[size]
 
 
 def batch_for(image: int, batch: int) -> dict:
@@ -78,7 +63,7 @@ def calibration_step_seconds(model, batch, steps: int, estimator: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--size", choices=sorted(DINOV2_SIZES), default="small")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=2)
     args = parser.parse_args()
@@ -92,7 +77,7 @@ def main() -> None:
     for estimator in ("closed_form", "variational"):
         rows.append((f"calibration step, {estimator}", calibration_step_seconds(model, batch, args.steps, estimator)))
     print(
-        f"\nDinov2 {args.size} ({SIZES[args.size][0]} wide, {SIZES[args.size][1]} blocks), "
+        f"\nDinov2 {args.size} ({DINOV2_SIZES[args.size][0]} wide, {DINOV2_SIZES[args.size][1]} blocks), "
         f"{image}x{image}, batch {args.batch}, {torch.get_num_threads()} threads\n"
     )
     print("| step | seconds | ratio to training step |")

@@ -17,15 +17,7 @@ import sys
 import time
 
 import torch
-
-SHAPES = {
-    "q_proj": (1024, 1024),
-    "k_proj": (1024, 1024),
-    "v_proj": (1024, 1024),
-    "o_proj": (1024, 1024),
-    "fc1": (4096, 1024),
-    "fc2": (1024, 4096),
-}
+from common import VIT_L_SHAPES as SHAPES
 
 
 def rss_mb() -> float:

@@ -22,9 +22,7 @@ import sys
 import time
 
 import torch
-
-SIZES = {"small": (384, 12, 6), "base": (768, 12, 12), "large": (1024, 24, 16)}
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+from common import DINOV2_SIZES, VIT, dinov2_segmenter
 
 
 def status_mb(field: str) -> float:
@@ -37,22 +35,10 @@ def status_mb(field: str) -> float:
 
 def build(size: str, method: str, density: float):
     from peft import LoraConfig, get_peft_model
-    from transformers import Dinov2Config, Dinov2Model
 
     from peft_fishertune import FisherTuneConfig
-    from peft_fishertune.quickstart import TinySegmenter
 
-    hidden, layers, heads = SIZES[size]
-    torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=4 * hidden,
-        image_size=224,
-        patch_size=14,
-    )
-    model = TinySegmenter(Dinov2Model(config), num_classes=19)
+    model = dinov2_segmenter(size)
     if method == "full":
         return model
     if method == "frozen":
@@ -134,7 +120,7 @@ def inference_overhead(model, pixel_values) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["base"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["base"], choices=sorted(DINOV2_SIZES))
     parser.add_argument("--densities", nargs="+", type=float, default=[0.01, 0.15])
     parser.add_argument("--methods", nargs="+", default=["full", "lora", "frozen", "fishertune", "fishertune-naive"])
     parser.add_argument("--steps", type=int, default=4)
