@@ -1,0 +1,24 @@
+"""Domain-generalised semantic segmentation with FisherTune: classes, metric and inference protocol.
+
+This subpackage is being built up; see the README's status section for what is in place.
+"""
+
+from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, gta5_to_train_ids
+from .inference import resize_keep_ratio, slide_inference
+from .metric import IoUAccumulator, domain_miou, intersection_union
+
+MEAN_IOU_PATH = str(__import__("pathlib").Path(__file__).parent / "mean_iou" / "mean_iou.py")
+
+__all__ = [
+    "CITYSCAPES_CLASSES",
+    "IGNORE_INDEX",
+    "IoUAccumulator",
+    "MEAN_IOU_PATH",
+    "NUM_CLASSES",
+    "PALETTE",
+    "domain_miou",
+    "gta5_to_train_ids",
+    "intersection_union",
+    "resize_keep_ratio",
+    "slide_inference",
+]

@@ -1,0 +1,75 @@
+"""The 19 Cityscapes evaluation classes, their colours, and the raw-id -> train-id mapping (GTA5 uses Cityscapes ids)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CITYSCAPES_CLASSES = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+NUM_CLASSES = len(CITYSCAPES_CLASSES)
+IGNORE_INDEX = 255
+# The Cityscapes label ids of the 19 classes, in train-id order.
+RAW_IDS = (7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33)
+PALETTE = np.array(
+    [
+        (128, 64, 128),
+        (244, 35, 232),
+        (70, 70, 70),
+        (102, 102, 156),
+        (190, 153, 153),
+        (153, 153, 153),
+        (250, 170, 30),
+        (220, 220, 0),
+        (107, 142, 35),
+        (152, 251, 152),
+        (70, 130, 180),
+        (220, 20, 60),
+        (255, 0, 0),
+        (0, 0, 142),
+        (0, 0, 70),
+        (0, 60, 100),
+        (0, 80, 100),
+        (0, 0, 230),
+        (119, 11, 32),
+    ],
+    dtype=np.uint8,
+)
+
+_LUT = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+_LUT[list(RAW_IDS)] = np.arange(NUM_CLASSES, dtype=np.uint8)
+
+
+def gta5_to_train_ids(raw: np.ndarray) -> np.ndarray:
+    """Map raw Cityscapes/GTA5 label ids to train ids 0..18; every other id becomes 255."""
+    raw = np.asarray(raw)
+    if raw.dtype != np.uint8:
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            raise ValueError(f"raw label ids must lie in 0..255, got {raw.min()}..{raw.max()}")
+        raw = raw.astype(np.uint8)
+    return _LUT[raw]
+
+
+def colorize(train_ids: np.ndarray) -> np.ndarray:
+    """(H, W) train ids -> (H, W, 3) uint8 colours; 255 is black."""
+    colours = np.zeros((256, 3), dtype=np.uint8)
+    colours[:NUM_CLASSES] = PALETTE
+    return colours[np.asarray(train_ids, dtype=np.uint8)]
