@@ -1,4 +1,7 @@
-"""The 19 Cityscapes evaluation classes, their colours, and the raw-id -> train-id mapping (GTA5 uses Cityscapes ids)."""
+"""The 19 Cityscapes evaluation classes, their colours, and the raw-id -> train-id mapping.
+
+GTA5 labels use the Cityscapes label ids, so one mapping serves both.
+"""
 
 from __future__ import annotations
 
