@@ -6,6 +6,7 @@ This subpackage is being built up; see the README's status section for what is i
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, gta5_to_train_ids
 from .inference import resize_keep_ratio, slide_inference
 from .metric import IoUAccumulator, domain_miou, intersection_union
+from .model import ViTMask2Former, backbone_target_modules, default_feature_blocks, tiny_decoder_config
 
 MEAN_IOU_PATH = str(__import__("pathlib").Path(__file__).parent / "mean_iou" / "mean_iou.py")
 
@@ -16,9 +17,13 @@ __all__ = [
     "MEAN_IOU_PATH",
     "NUM_CLASSES",
     "PALETTE",
+    "ViTMask2Former",
+    "backbone_target_modules",
+    "default_feature_blocks",
     "domain_miou",
     "gta5_to_train_ids",
     "intersection_union",
     "resize_keep_ratio",
     "slide_inference",
+    "tiny_decoder_config",
 ]

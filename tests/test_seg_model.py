@@ -1,0 +1,87 @@
+"""ViT + Mask2Former segmentation model: features, pyramid strides, loss, and FisherTune on the backbone only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+from transformers import Dinov2Config, Dinov2Model
+
+from peft_fishertune import FisherTuneConfig, FisherTuneLayer, calibrate
+from peft_fishertune.seg.model import (
+    ViTMask2Former,
+    backbone_target_modules,
+    default_feature_blocks,
+    tiny_decoder_config,
+)
+
+
+def build(seed=0, blocks=4):
+    torch.manual_seed(seed)
+    backbone = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=blocks,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=64,
+            patch_size=14,
+        )
+    )
+    return ViTMask2Former(backbone, decoder_config=tiny_decoder_config())
+
+
+def batch(seed=0, height=64, width=96):
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 19, (2, height, width), generator=generator)
+    labels[:, :4] = 255
+    return torch.randn(2, 3, height, width, generator=generator), labels
+
+
+@pytest.mark.parametrize("blocks,expected", [(24, [8, 12, 16, 24]), (12, [4, 6, 8, 12]), (4, [1, 2, 3, 4])])
+def test_default_feature_blocks(blocks, expected):
+    assert default_feature_blocks(blocks) == expected
+
+
+def test_features_and_pyramid_strides():
+    """Token maps (H/14) are resized to H/16; the pyramid gives strides 4, 8, 16, 32."""
+    model = build()
+    images, _ = batch()
+    maps = model.features(images)
+    assert [tuple(m.shape[-2:]) for m in maps] == [(4, 6)] * 4
+    pyramid = model.decode_head.pyramid(maps)
+    assert [tuple(p.shape[-2:]) for p in pyramid] == [(16, 24), (8, 12), (4, 6), (2, 3)]
+
+
+def test_logits_loss_and_training_step():
+    """Logits at input size, a finite Hungarian loss that a few steps reduce on a fixed batch."""
+    model = build()
+    images, labels = batch()
+    out = model(pixel_values=images, labels=labels)
+    assert out.logits.shape == (2, 19, 64, 96) and torch.isfinite(out.loss)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(pixel_values=images, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_fishertune_targets_the_backbone_only():
+    """With the regex candidates and decode_head in modules_to_save, no FisherTune layer is in the decoder,
+    every backbone linear is a candidate, and a calibration pass runs on the Mask2Former loss."""
+    model = get_peft_model(
+        build(),
+        FisherTuneConfig(target_modules=backbone_target_modules(), modules_to_save=["decode_head"], density_max=0.2),
+    )
+    layers = [name for name, m in model.named_modules() if isinstance(m, FisherTuneLayer)]
+    assert layers and all(".backbone." in name for name in layers) and len(layers) == 4 * 6
+    images, labels = batch()
+    scores = calibrate(model, [{"pixel_values": images, "labels": labels}], steps=1, progress=False)
+    model.base_model.select(scores)
+    assert sum(model.base_model.active_counts().values()) > 0
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"backbone", "decode_head"}
