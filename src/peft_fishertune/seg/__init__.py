@@ -4,6 +4,8 @@ This subpackage is being built up; see the README's status section for what is i
 """
 
 from .classes import CITYSCAPES_CLASSES, IGNORE_INDEX, NUM_CLASSES, PALETTE, gta5_to_train_ids
+from .data import load_segmentation_dataset, prepare
+from .evaluation import evaluate_domains
 from .inference import resize_keep_ratio, slide_inference
 from .metric import IoUAccumulator, domain_miou, intersection_union
 from .model import ViTMask2Former, backbone_target_modules, default_feature_blocks, tiny_decoder_config
@@ -21,6 +23,9 @@ __all__ = [
     "backbone_target_modules",
     "default_feature_blocks",
     "domain_miou",
+    "evaluate_domains",
+    "load_segmentation_dataset",
+    "prepare",
     "gta5_to_train_ids",
     "intersection_union",
     "resize_keep_ratio",
