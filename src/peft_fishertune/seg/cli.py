@@ -1,0 +1,244 @@
+"""``fishertune-seg``: prepare datasets, train, evaluate per domain, predict a colour-coded mask.
+
+fishertune-seg prepare gta5 /data/gta5
+fishertune-seg train configs/gta2cs_dinov2_large.yaml [--backbone facebook/dinov2-large] [--method lora]
+fishertune-seg eval runs/gta2cs/adapter --datasets cityscapes bdd100k mapillary [--root cityscapes=/data/cs]
+fishertune-seg predict runs/gta2cs/adapter image.png -o out.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .classes import colorize
+from .run_config import SegRunConfig
+
+RUN_CONFIG_FILE = "seg_config.yaml"
+FULL_WEIGHTS_FILE = "model.safetensors"
+
+
+def build_base(config: SegRunConfig):
+    from transformers import AutoModel
+
+    from .model import ViTMask2Former, tiny_decoder_config
+
+    torch.manual_seed(config.seed)
+    backbone = AutoModel.from_pretrained(config.backbone)
+    return ViTMask2Former(backbone, decoder_config=tiny_decoder_config() if config.decoder == "tiny" else None)
+
+
+def wrap(model, config: SegRunConfig):
+    """The model for the chosen method: FisherTune or LoRA adapters (decoder in full), full, or frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    from ..config import FisherTuneConfig
+    from .model import backbone_target_modules
+
+    if config.method == "fishertune":
+        return get_peft_model(
+            model,
+            FisherTuneConfig(
+                target_modules=backbone_target_modules(),
+                modules_to_save=["decode_head"],
+                density_min=config.density_min,
+                density_max=config.density_max,
+                schedule=config.schedule,
+                gamma=config.gamma,
+                tau=config.tau,
+                lam=config.lam,
+                estimator=config.estimator,
+                perturb_module=config.perturb_module,
+                augment_shift=config.augment_shift,
+                warmup_steps=config.warmup_steps,
+                calibration_steps=config.calibration_steps,
+                tuning_steps=config.tuning_steps,
+                seed=config.seed,
+            ),
+        )
+    if config.method == "lora":
+        return get_peft_model(
+            model,
+            LoraConfig(
+                target_modules=backbone_target_modules(),
+                r=config.lora_r,
+                lora_alpha=config.lora_r,
+                modules_to_save=["decode_head"],
+            ),
+        )
+    if config.method == "frozen":
+        model.backbone.requires_grad_(False)
+    return model
+
+
+def optimizer_for(model, config: SegRunConfig):
+    """AdamW: backbone-side trainables (deltas, LoRA, or the backbone itself) at backbone_lr, the rest at lr."""
+    backbone, head = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            is_backbone = "fishertune_values" in name or "lora_" in name or ".backbone." in f".{name}"
+            (backbone if is_backbone else head).append(param)
+    groups = [{"params": backbone, "lr": config.backbone_lr}, {"params": head, "lr": config.lr}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=config.weight_decay)
+
+
+def training_dataset(config: SegRunConfig):
+    from .data import decode_batch, load_segmentation_dataset
+    from .transforms import train_transform
+
+    dataset = load_segmentation_dataset(config.train_dataset, config.train_root, "train")
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def augment(batch):
+        decoded = decode_batch(batch)
+        pairs = [
+            train_transform(x, y, generator, crop=config.crop)
+            for x, y in zip(decoded["pixel_values"], decoded["labels"])
+        ]
+        return {"pixel_values": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
+
+    dataset.set_transform(augment)
+    return dataset
+
+
+def collate(items):
+    return {
+        "pixel_values": torch.stack([i["pixel_values"] for i in items]),
+        "labels": torch.stack([i["labels"] for i in items]),
+    }
+
+
+def train(config: SegRunConfig) -> Path:
+    """Train with the Trainer (the three FisherTune stages through its callback); returns the adapter folder."""
+    from transformers import Trainer, TrainingArguments
+
+    from ..callback import FisherTuneCallback
+
+    model = wrap(build_base(config), config)
+    args = TrainingArguments(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        logging_steps=config.logging_steps,
+        save_steps=config.save_steps,
+        bf16=config.bf16,
+        seed=config.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to=[],
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+    callbacks = [FisherTuneCallback()] if config.method == "fishertune" else []
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=training_dataset(config),
+        data_collator=collate,
+        optimizers=(optimizer_for(model, config), None),
+        callbacks=callbacks,
+    )
+    trainer.train()
+    out = Path(config.output_dir) / "adapter"
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out)
+    else:
+        from safetensors.torch import save_model
+
+        save_model(model, str(out / FULL_WEIGHTS_FILE))
+    config.save(out / RUN_CONFIG_FILE)
+    return out
+
+
+def load_trained(folder: str | Path):
+    """The model saved by ``train`` in ``folder`` (with its run config), in eval mode."""
+    folder = Path(folder)
+    config_file = folder / RUN_CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file} is missing: {folder} is not a folder written by fishertune-seg train")
+    config = SegRunConfig.load(config_file)
+    model = build_base(config)
+    if config.method in ("fishertune", "lora"):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder)
+    else:
+        from safetensors.torch import load_model
+
+        load_model(model, str(folder / FULL_WEIGHTS_FILE))
+    return model.eval(), config
+
+
+def evaluate_run(folder, datasets: list[str], roots: dict[str, str], progress=True) -> dict[str, float]:
+    from .data import load_segmentation_dataset
+    from .evaluation import evaluate_domains
+
+    model, config = load_trained(folder)
+    roots = {**config.eval_datasets, **roots}
+    missing = [name for name in datasets if name not in roots]
+    if missing:
+        raise ValueError(f"no root folder for {missing}: pass --root NAME=PATH")
+    data = {name: load_segmentation_dataset(name, roots[name]) for name in datasets}
+    return evaluate_domains(model, data, progress=progress)
+
+
+def predict(folder, image_path: str, output: str) -> np.ndarray:
+    from PIL import Image
+
+    from .inference import predict_labels, slide_inference
+
+    model, config = load_trained(folder)
+    image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        logits = slide_inference(lambda x: model(pixel_values=x).logits, image[None], 19, config.crop)
+    mask = predict_labels(logits, image.shape[-2:])[0].numpy().astype(np.uint8)
+    Image.fromarray(colorize(mask)).save(output)
+    return mask
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fishertune-seg", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("prepare", help="write train-id labels and an index for a dataset folder")
+    p.add_argument("dataset")
+    p.add_argument("root")
+    t = commands.add_parser("train", help="train from a YAML run config")
+    t.add_argument("config")
+    t.add_argument("--backbone")
+    t.add_argument("--method", choices=["fishertune", "full", "frozen", "lora"])
+    t.add_argument("--output-dir")
+    e = commands.add_parser("eval", help="per-domain mIoU of a trained run")
+    e.add_argument("folder")
+    e.add_argument("--datasets", nargs="+", required=True)
+    e.add_argument("--root", action="append", default=[], help="NAME=PATH, overrides the run config's roots")
+    r = commands.add_parser("predict", help="colour-coded mask of one image")
+    r.add_argument("folder")
+    r.add_argument("image")
+    r.add_argument("-o", "--output", required=True)
+    args = parser.parse_args(argv)
+
+    if args.command == "prepare":
+        from .data import prepare
+
+        print(f"wrote {prepare(args.dataset, args.root)} label files and the index under {args.root}")
+    elif args.command == "train":
+        config = SegRunConfig.load(args.config, backbone=args.backbone, method=args.method, output_dir=args.output_dir)
+        print(f"saved to {train(config)}")
+    elif args.command == "eval":
+        roots = dict(item.split("=", 1) for item in args.root)
+        results = evaluate_run(args.folder, args.datasets, roots)
+        print("| domain | mIoU |\n|---|---|")
+        for name, value in results.items():
+            print(f"| {name} | {100 * value:.1f} |")
+    else:
+        predict(args.folder, args.image, args.output)
+        print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

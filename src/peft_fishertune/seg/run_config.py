@@ -1,0 +1,85 @@
+"""The flat, typed run configuration of ``fishertune-seg train``, read from a YAML file plus overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("fishertune", "full", "frozen", "lora")
+
+
+@dataclass
+class SegRunConfig:
+    """Every setting of a segmentation run; defaults are the paper's GTA5 -> Cityscapes/BDD/Mapillary setup."""
+
+    backbone: str = "facebook/dinov2-large"  # transformers name or local path
+    method: str = "fishertune"  # fishertune | full | frozen | lora (baselines from the same script)
+    train_dataset: str = "gta5"
+    train_root: str = "data/gta5"
+    eval_datasets: dict[str, str] = field(
+        default_factory=lambda: {
+            "cityscapes": "data/cityscapes",
+            "bdd100k": "data/bdd100k",
+            "mapillary": "data/mapillary",
+        }
+    )
+    output_dir: str = "runs/gta2cs"
+    decoder: str = "paper"  # paper (Mask2Former defaults) | tiny (tests, CPU demos)
+    crop: int = 512
+    batch_size: int = 4
+    lr: float = 1e-4  # decoder (and full fine-tuning)
+    backbone_lr: float = 1e-5  # FisherTune deltas / LoRA
+    weight_decay: float = 0.05
+    warmup_steps: int = 10_000
+    calibration_steps: int = 2_000
+    tuning_steps: int = 28_000
+    density_min: float = 0.01
+    density_max: float = 0.15
+    schedule: str = "exponential"
+    estimator: str = "closed_form"
+    gamma: float = 0.01
+    tau: float = 0.01
+    lam: float = 0.5
+    perturb_module: str | None = "backbone.embeddings.patch_embeddings"
+    augment_shift: bool = False
+    lora_r: int = 16
+    bf16: bool = False
+    seed: int = 0
+    logging_steps: int = 50
+    save_steps: int = 2_000
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.decoder not in ("paper", "tiny"):
+            raise ValueError(f"decoder must be 'paper' or 'tiny', got {self.decoder!r}")
+        for name in ("crop", "batch_size", "tuning_steps", "calibration_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def max_steps(self) -> int:
+        """Optimizer steps. FisherTune: T1 + T3 (its T2 calibration batches are not optimizer steps).
+        Baselines: T1 + T2 + T3, the paper's 40k iterations, so that every method sees as many batches."""
+        if self.method == "fishertune":
+            return self.warmup_steps + self.tuning_steps
+        return self.warmup_steps + self.calibration_steps + self.tuning_steps
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, **overrides) -> SegRunConfig:
+        """Fields from a YAML file (unknown keys are an error naming the file), then the overrides."""
+        values = {}
+        if path is not None:
+            values = yaml.safe_load(Path(path).read_text()) or {}
+            known = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(f"{path}: unknown settings {unknown}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(dataclasses.asdict(self), sort_keys=False))
