@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -116,5 +118,6 @@ def test_run_config_errors(tmp_path):
         SegRunConfig.load(bad)
     with pytest.raises(ValueError, match="method"):
         SegRunConfig(method="adapter")
-    assert SegRunConfig.load("configs/gta2cs_dinov2_large.yaml").max_steps == 38_000  # + 2k calibration batches
-    assert SegRunConfig.load("configs/gta2cs_dinov2_large.yaml", method="full").max_steps == 40_000
+    paper = Path(__file__).parent.parent / "configs" / "gta2cs_dinov2_large.yaml"
+    assert SegRunConfig.load(paper).max_steps == 38_000  # + 2k calibration batches
+    assert SegRunConfig.load(paper, method="full").max_steps == 40_000

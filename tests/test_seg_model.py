@@ -85,3 +85,37 @@ def test_fishertune_targets_the_backbone_only():
     assert sum(model.base_model.active_counts().values()) > 0
     trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"backbone", "decode_head"}
+
+
+@pytest.mark.parametrize("family", ["clip", "siglip"])
+def test_other_vfm_families(family, tmp_path):
+    """CLIP and SigLIP vision towers (also from a full CLIP checkpoint) work as backbones at any input size,
+    and FisherTune finds their q/k/v/out and MLP layers."""
+    from transformers import CLIPConfig, CLIPModel, SiglipVisionConfig, SiglipVisionModel
+
+    from peft_fishertune.seg.model import load_backbone
+
+    torch.manual_seed(0)
+    vision = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=56, patch_size=14
+    )
+    if family == "clip":
+        CLIPModel(
+            CLIPConfig(
+                vision_config=vision,
+                text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+            )
+        ).save_pretrained(tmp_path)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**vision)).save_pretrained(tmp_path)
+    model = ViTMask2Former(load_backbone(str(tmp_path)), decoder_config=tiny_decoder_config())
+    images, labels = batch()
+    out = model(pixel_values=images, labels=labels)
+    assert out.logits.shape == (2, 19, 64, 96) and torch.isfinite(out.loss)
+    peft_model = get_peft_model(
+        model,
+        FisherTuneConfig(
+            target_modules=backbone_target_modules(), modules_to_save=["decode_head"], init_selection="random"
+        ),
+    )
+    assert sum(isinstance(m, FisherTuneLayer) for m in peft_model.modules()) == 4 * 6

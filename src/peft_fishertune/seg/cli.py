@@ -23,12 +23,10 @@ FULL_WEIGHTS_FILE = "model.safetensors"
 
 
 def build_base(config: SegRunConfig):
-    from transformers import AutoModel
-
-    from .model import ViTMask2Former, tiny_decoder_config
+    from .model import ViTMask2Former, load_backbone, tiny_decoder_config
 
     torch.manual_seed(config.seed)
-    backbone = AutoModel.from_pretrained(config.backbone)
+    backbone = load_backbone(config.backbone)
     return ViTMask2Former(backbone, decoder_config=tiny_decoder_config() if config.decoder == "tiny" else None)
 
 

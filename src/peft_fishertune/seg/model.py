@@ -1,5 +1,7 @@
 """A ViT backbone from transformers with transformers' Mask2Former decoder, for 19-class semantic segmentation.
 
+- Backbones: DINOv2 (default), CLIP and SigLIP vision towers (``load_backbone``); any transformers ViT that
+  returns ``hidden_states`` with the patch tokens last works.
 - Features: the hidden states after 4 blocks (by default at 1/3, 1/2, 2/3 and all of the depth; for 24 blocks
   8, 12, 16, 24), without the CLS and register tokens, as (B, C, h, w) maps.
 - Patch size 14: the token grid of an H x W input is (H // 14, W // 14). We keep the pre-trained 14-pixel
@@ -15,6 +17,8 @@
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 from torch import nn
@@ -108,6 +112,9 @@ class ViTMask2Former(nn.Module):
         self.feature_blocks = feature_blocks or default_feature_blocks(backbone.config.num_hidden_layers)
         if len(self.feature_blocks) != 4:
             raise ValueError(f"feature_blocks must name 4 blocks, got {self.feature_blocks}")
+        # CLIP and SigLIP towers take other input sizes only when asked to interpolate their position table.
+        accepts = inspect.signature(backbone.forward).parameters
+        self._extra_kwargs = {"interpolate_pos_encoding": True} if "interpolate_pos_encoding" in accepts else {}
         decoder_config = decoder_config or Mask2FormerConfig(num_labels=num_classes)
         decoder_config.num_labels = num_classes
         self.decode_head = DecodeHead(backbone.config.hidden_size, decoder_config)
@@ -117,7 +124,7 @@ class ViTMask2Former(nn.Module):
         batch, _, height, width = pixel_values.shape
         patch = self.backbone.config.patch_size
         grid = (height // patch, width // patch)
-        states = self.backbone(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+        states = self.backbone(pixel_values=pixel_values, output_hidden_states=True, **self._extra_kwargs).hidden_states
         maps = []
         for block in self.feature_blocks:
             tokens = states[block][:, -grid[0] * grid[1] :]  # (B, h*w, C): CLS and register tokens dropped
@@ -135,11 +142,22 @@ class ViTMask2Former(nn.Module):
 
 
 def backbone_target_modules(prefix: str = "backbone") -> str:
-    """The FisherTune candidates of a ViTMask2Former: the backbone's attention and MLP linear layers only.
+    """The FisherTune candidates of a ViTMask2Former: the attention and MLP linear layers of the backbone's
+    blocks only.
 
-    A regex, because Mask2Former's decoder layers also have modules named fc1/fc2.
+    A regex, because Mask2Former's decoder layers also have modules named fc1/fc2, and SigLIP's pooling head
+    (unused for segmentation) has out_proj/fc1/fc2 outside the blocks.
     """
-    return rf"{prefix}\..*\.(q_proj|k_proj|v_proj|o_proj|fc1|fc2)"
+    return rf"{prefix}\..*\.layers?\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2)"
+
+
+def load_backbone(name_or_path: str) -> nn.Module:
+    """A ViT from transformers by name or local path: DINOv2 (any size, with or without registers), or the
+    vision tower of CLIP or SigLIP (taken from a full CLIP/SigLIP checkpoint when one is given)."""
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(name_or_path)
+    return getattr(model, "vision_model", model)
 
 
 def tiny_decoder_config(num_classes: int = NUM_CLASSES, width: int = 32) -> Mask2FormerConfig:
