@@ -105,3 +105,47 @@ def test_missing_folder_and_labels(tmp_path):
         load_segmentation_dataset("cityscapes", root)
     with pytest.raises(ValueError, match="unknown dataset"):
         load_segmentation_dataset("kitti", root)
+
+
+MAPILLARY_NAMES = [
+    "Bird",
+    "Curb",
+    "Fence",
+    "Road",
+    "Lane Marking - General",
+    "Person",
+    "Bicyclist",
+    "Traffic Sign (Front)",
+    "Traffic Sign (Back)",
+    "Traffic Light",
+    "Street Light",
+    "Utility Pole",
+    "On Rails",
+    "Car",
+    "Sky",
+    "Vegetation",
+    "Water",
+    "Pedestrian Area",
+    "Service Lane",
+]
+MAPILLARY_TRAIN = [255, 1, 4, 0, 0, 11, 12, 7, 7, 6, 5, 5, 16, 13, 10, 8, 255, 1, 0]
+
+
+def test_mapillary_mapping_by_name():
+    """Class names map to the 19 by exact name, then the protocol's substring rules; others to 255."""
+    from peft_fishertune.seg.classes import mapillary_train_id
+
+    assert [mapillary_train_id(n) for n in MAPILLARY_NAMES] == MAPILLARY_TRAIN
+
+
+def test_mapillary_layout(tmp_path):
+    root = tmp_path / "mapillary"
+    root.mkdir()
+    (root / "config_v1.2.json").write_text(json.dumps({"labels": [{"readable": n} for n in MAPILLARY_NAMES]}))
+    for i in range(2):
+        write_image(root / "validation" / "images" / f"m{i}.jpg", i)
+        write_label(root / "validation" / "v1.2" / "labels" / f"m{i}.png", list(range(len(MAPILLARY_NAMES))))
+    assert prepare("mapillary", root) == 2
+    raw = np.asarray(Image.open(root / "validation" / "v1.2" / "labels" / "m0.png"))
+    item = load_segmentation_dataset("mapillary", root)[0]
+    assert (item["labels"].numpy() == np.array(MAPILLARY_TRAIN, dtype=np.uint8)[raw]).all()

@@ -76,3 +76,35 @@ def colorize(train_ids: np.ndarray) -> np.ndarray:
     colours = np.zeros((256, 3), dtype=np.uint8)
     colours[:NUM_CLASSES] = PALETTE
     return colours[np.asarray(train_ids, dtype=np.uint8)]
+
+
+# Mapillary Vistas v1.2 -> the 19 classes, by the normalised "readable" class name of config_v1.2.json
+# (lower case, spaces and hyphens removed), following the rule the domain-generalisation literature (Rein's
+# protocol) uses: an exact name match first, then these substring rules in order; everything else -> 255.
+_EXACT = {name.replace(" ", ""): train_id for train_id, name in enumerate(CITYSCAPES_CLASSES)}
+_SUBSTRING_RULES = (
+    (("trafficsign", "front", "back"), "traffic sign"),
+    (("onrail",), "train"),
+    (("cyclist", "rider"), "rider"),
+    (("pole", "streetlight"), "pole"),
+    (("curb", "pedestrianarea"), "sidewalk"),
+    (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), "road"),
+)
+
+
+def mapillary_train_id(readable_name: str) -> int:
+    """The train id of one Mapillary v1.2 class, given its readable name (e.g. "Lane Marking - General")."""
+    name = readable_name.lower().replace(" ", "").replace("-", "")
+    if name in _EXACT:
+        return _EXACT[name]
+    for substrings, target in _SUBSTRING_RULES:
+        if any(part in name for part in substrings):
+            return CITYSCAPES_CLASSES.index(target)
+    return IGNORE_INDEX
+
+
+def mapillary_lut(readable_names: list[str]) -> np.ndarray:
+    """A 256-entry table from Mapillary v1.2 label ids (positions in config_v1.2.json) to train ids."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    lut[: len(readable_names)] = [mapillary_train_id(name) for name in readable_names]
+    return lut

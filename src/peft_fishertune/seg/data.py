@@ -11,6 +11,9 @@ Layouts (``root`` is the folder given to the loader):
                  labels/sem_seg/masks/<split>/<name>.png                (train ids already)
     acdc/        rgb_anon/<condition>/<split>/<seq>/<name>_rgb_anon.png
                  gt/<condition>/<split>/<seq>/<name>_gt_labelTrainIds.png
+    mapillary/   config_v1.2.json  <training|validation>/images/<name>.jpg
+                 <training|validation>/v1.2/labels/<name>.png             (`prepare mapillary` writes
+                                                                           <split>/labels_trainids/<name>.png)
 
 Images and labels are decoded on access (``set_transform``); a file that cannot be read, a label whose size
 differs from its image, or a label value outside 0..18 and 255 raises ValueError naming the file.
@@ -26,7 +29,7 @@ import torch
 from datasets import Dataset
 from PIL import Image, UnidentifiedImageError
 
-from .classes import IGNORE_INDEX, NUM_CLASSES, gta5_to_train_ids
+from .classes import IGNORE_INDEX, NUM_CLASSES, gta5_to_train_ids, mapillary_lut
 
 INDEX_FILE = "fishertune_index.json"
 
@@ -60,8 +63,22 @@ def _pairs_acdc(root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-LAYOUTS = {"gta5": _pairs_gta5, "cityscapes": _pairs_cityscapes, "bdd100k": _pairs_bdd100k, "acdc": _pairs_acdc}
-DEFAULT_SPLITS = {"gta5": "train", "cityscapes": "val", "bdd100k": "val", "acdc": "val"}
+def _pairs_mapillary(root: Path, split: str) -> list[tuple[Path, Path]]:
+    split = {"train": "training", "val": "validation"}.get(split, split)
+    labels = root / split / "labels_trainids"
+    if not labels.is_dir():
+        raise FileNotFoundError(f"{labels} is missing: run `fishertune-seg prepare mapillary {root}` first")
+    return [(image, labels / f"{image.stem}.png") for image in sorted((root / split / "images").glob("*.jpg"))]
+
+
+LAYOUTS = {
+    "gta5": _pairs_gta5,
+    "cityscapes": _pairs_cityscapes,
+    "bdd100k": _pairs_bdd100k,
+    "acdc": _pairs_acdc,
+    "mapillary": _pairs_mapillary,
+}
+DEFAULT_SPLITS = {"gta5": "train", "cityscapes": "val", "bdd100k": "val", "acdc": "val", "mapillary": "validation"}
 
 
 def load_segmentation_dataset(name: str, root: str | Path, split: str | None = None) -> Dataset:
@@ -136,9 +153,25 @@ def prepare(name: str, root: str | Path) -> int:
             target = raw.with_name(raw.name.replace("_labelIds.png", "_labelTrainIds.png"))
             Image.fromarray(gta5_to_train_ids(_read(str(raw), None))).save(target)
             written += 1
+    elif name == "mapillary":
+        config = root / "config_v1.2.json"
+        if not config.exists():
+            raise FileNotFoundError(f"{config} is missing: it names the Mapillary v1.2 classes")
+        lut = mapillary_lut([label["readable"] for label in json.loads(config.read_text())["labels"]])
+        for split in ("training", "validation"):
+            out = root / split / "labels_trainids"
+            for raw in sorted((root / split / "v1.2" / "labels").glob("*.png")):
+                out.mkdir(exist_ok=True)
+                Image.fromarray(lut[_read(str(raw), None)]).save(out / raw.name)
+                written += 1
     elif name not in LAYOUTS:
         raise ValueError(f"unknown dataset {name!r}; known: {sorted(LAYOUTS)}")
-    splits = ["train", "val"] if name != "gta5" else ["train"]
-    index = {split: [[str(i), str(t)] for i, t in LAYOUTS[name](root, split)] for split in splits}
+    splits = {"gta5": ["train"], "mapillary": ["training", "validation"]}.get(name, ["train", "val"])
+    index = {}
+    for split in splits:
+        try:
+            index[split] = [[str(i), str(t)] for i, t in LAYOUTS[name](root, split)]
+        except FileNotFoundError:  # a split the download does not include
+            continue
     (root / INDEX_FILE).write_text(json.dumps({"dataset": name, "splits": index}, indent=1))
     return written
