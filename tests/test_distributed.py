@@ -33,3 +33,29 @@ def test_two_processes_equal_one_process(tmp_path):
     for kind in ("fisher", "fisher_shifted", "domain", "drf"):
         for name in single:
             torch.testing.assert_close(getattr(double, kind)[name], getattr(single, kind)[name], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")
+def test_trainer_with_ddp_keeps_processes_in_sync(tmp_path):
+    """Warm-up, calibration and growing tuning in a Trainer under DDP (2 processes, gradient accumulation and
+    clipping): the deltas leave DDP's care and have their gradients averaged, so both processes end with the
+    same trained weights, all active at density_max."""
+    from safetensors.torch import load_file
+
+    run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(os.path.dirname(__file__), "dist_trainer.py"),
+            str(tmp_path / "w"),
+        ]
+    )
+    first, second = load_file(tmp_path / "w_rank0.safetensors"), load_file(tmp_path / "w_rank1.safetensors")
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    deltas = [t for k, t in first.items() if "fishertune_values" in k]
+    assert int(first["active"]) == sum(t.numel() for t in deltas) > 0
+    assert any(torch.count_nonzero(t) for t in deltas)

@@ -43,6 +43,13 @@ class FisherTuneModel(BaseTuner):
         self._selections: dict[str, Selection] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
+    @property
+    def _ddp_params_and_buffers_to_ignore(self) -> list[str]:
+        """Names DistributedDataParallel must leave alone: the deltas, which a selection resizes after DDP has
+        wrapped the model. ``FisherTuneStages`` averages their gradients across processes instead."""
+        names = [name for name, _ in self.named_parameters() if "fishertune_values" in name]
+        return names + [f"base_model.{name}" for name in names]
+
     # ------------------------------------------------------------------ injection
     def _create_and_replace(self, config: FisherTuneConfig, adapter_name, target, target_name, parent, current_key):
         count = config.selection_counts.get(current_key, 0)

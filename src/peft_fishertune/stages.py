@@ -69,6 +69,26 @@ class FisherTuneStages:
         self._augmentation = None
         if self.config.augment_shift:
             self._attach_augmentation()
+        self._gradient_hooks = self._average_delta_gradients_across_processes()
+
+    def _average_delta_gradients_across_processes(self) -> list:
+        """With several processes, average the deltas' gradients after each accumulation into them.
+
+        DDP leaves the deltas alone (see ``FisherTuneModel._ddp_params_and_buffers_to_ignore``). Averaging the
+        accumulated gradient after every backward is exact with gradient accumulation too: the part already
+        averaged is the same in every process and stays as it is.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return []
+
+        def average(param):
+            if param.grad is not None and param.numel():
+                dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
+                param.grad.div_(dist.get_world_size())
+
+        return [param.register_post_accumulate_grad_hook(average) for param in self.values()]
 
     def _attach_augmentation(self) -> None:
         """Shift x while training in the tuning stage; the draw changes every step and skips calibration's ids."""
@@ -82,10 +102,13 @@ class FisherTuneStages:
         self._augmentation = shift.attach(root, self.config.perturb_module, current_draw)
 
     def close(self) -> None:
-        """Remove the augmentation hook, if any."""
+        """Remove the augmentation and gradient hooks, if any."""
         if self._augmentation is not None:
             self._augmentation.remove()
             self._augmentation = None
+        for handle in self._gradient_hooks:
+            handle.remove()
+        self._gradient_hooks = []
 
     # ------------------------------------------------------------------ queries
     @property
