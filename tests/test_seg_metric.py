@@ -114,3 +114,18 @@ def test_keep_ratio_resize_and_label_size_argmax():
     logits = torch.zeros(1, 3, 2, 2)
     logits[0, 2, 0, 0] = 1
     assert predict_labels(logits, (4, 4)).shape == (1, 4, 4)
+
+
+def test_window_batching_does_not_change_the_result():
+    """Windows through the model one at a time or eight at a time give the same averaged logits."""
+    images = torch.randn(2, 3, 700, 900)
+    calls = []
+
+    def model(x):
+        calls.append(x.shape[0])
+        return torch.cat([x, x[:, :1] * 2], dim=1)
+
+    one = slide_inference(model, images, num_classes=4, windows_per_batch=1)
+    many = slide_inference(model, images, num_classes=4, windows_per_batch=8)
+    torch.testing.assert_close(one, many, rtol=0, atol=0)
+    assert max(calls) == 2 * 6  # 2 x 3 windows of a 700 x 900 image, 2 images: one call of 12 crops

@@ -31,26 +31,33 @@ def slide_inference(
     num_classes: int,
     crop: int = 512,
     stride: int = 341,
+    windows_per_batch: int = 8,
 ) -> torch.Tensor:
     """Average the logits of overlapping crop x crop windows, stride apart, over (B, C, H, W) images.
 
     Windows start every ``stride`` pixels; the last one in each direction is moved back to end at the image
-    border, and an image smaller than the crop is one window. ``logits_fn`` maps a (B, C, h, w) crop to
-    (B, num_classes, h, w) logits at the crop's resolution.
+    border, and an image smaller than the crop is one window. All windows have the same size, so they go
+    through ``logits_fn`` in batches of ``windows_per_batch`` x B crops. ``logits_fn`` maps (N, C, h, w)
+    crops to (N, num_classes, h, w) logits at the crop's resolution.
     """
     batch, _, height, width = images.shape
     rows = max(height - crop + stride - 1, 0) // stride + 1
     cols = max(width - crop + stride - 1, 0) // stride + 1
-    total = images.new_zeros(batch, num_classes, height, width)
-    count = images.new_zeros(1, 1, height, width)
+    boxes = []
     for row in range(rows):
         for col in range(cols):
             y2, x2 = min(row * stride + crop, height), min(col * stride + crop, width)
-            y1, x1 = max(y2 - crop, 0), max(x2 - crop, 0)
-            logits = logits_fn(images[:, :, y1:y2, x1:x2])  # (B, K, y2 - y1, x2 - x1)
-            if logits.shape[-2:] != (y2 - y1, x2 - x1):
-                raise ValueError(f"logits_fn returned {tuple(logits.shape[-2:])} for a {(y2 - y1, x2 - x1)} crop")
-            total[:, :, y1:y2, x1:x2] += logits
+            boxes.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    total = images.new_zeros(batch, num_classes, height, width)
+    count = images.new_zeros(1, 1, height, width)
+    for start in range(0, len(boxes), windows_per_batch):
+        chunk = boxes[start : start + windows_per_batch]
+        crops = torch.cat([images[:, :, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])  # (len(chunk) * B, C, h, w)
+        logits = logits_fn(crops)
+        if logits.shape[-2:] != crops.shape[-2:]:
+            raise ValueError(f"logits_fn returned {tuple(logits.shape[-2:])} for {tuple(crops.shape[-2:])} crops")
+        for (y1, y2, x1, x2), part in zip(chunk, logits.split(batch)):
+            total[:, :, y1:y2, x1:x2] += part
             count[:, :, y1:y2, x1:x2] += 1
     return total / count
 
