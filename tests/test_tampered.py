@@ -132,23 +132,18 @@ def test_tampered_file_leaves_loaded_adapter_untouched(saved, change, message):
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-def test_counts_larger_than_weight_rejected(saved):
-    """A config whose selection_counts exceed a module's weight (another base model) is refused at creation."""
+@pytest.mark.parametrize(
+    "module,count,message",
+    [("lin1", 10_000, "10000 entries but the weight"), ("encoder.lin7", 3, "encoder.lin7")],
+    ids=["count-exceeds-weight", "unknown-module"],
+)
+def test_bad_selection_counts_rejected(saved, module, count, message):
+    """Config counts that exceed a module's weight (another base model) or name a module the model lacks are
+    refused before loading."""
     path, _ = saved
     config_file = path / "adapter_config.json"
     config = json.loads(config_file.read_text())
-    config["selection_counts"]["lin1"] = 10_000
+    config["selection_counts"][module] = count
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="10000 entries but the weight"):
-        PeftModel.from_pretrained(build("mlp")[0], path)
-
-
-def test_counts_for_unknown_module_rejected(saved):
-    """selection_counts naming a module the model lacks is refused before loading."""
-    path, _ = saved
-    config_file = path / "adapter_config.json"
-    config = json.loads(config_file.read_text())
-    config["selection_counts"]["encoder.lin7"] = 3
-    config_file.write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="encoder.lin7"):
+    with pytest.raises(ValueError, match=message):
         PeftModel.from_pretrained(build("mlp")[0], path)

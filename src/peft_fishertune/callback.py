@@ -36,10 +36,10 @@ class FisherTuneCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.stages is not None:
             self.stages.close()
-        loader = _calibration_loader(train_dataloader, args, model)
         self.stages = FisherTuneStages(
-            _unwrap(model), loader, self.adapter_name, calibration_kwargs=self.calibration_kwargs
+            _unwrap(model), None, self.adapter_name, calibration_kwargs=self.calibration_kwargs
         )
+        self.stages.calibration_data = _calibration_loader(train_dataloader, args, self.stages.config.seed)
         if state.global_step > 0 and self.stages.selected:
             self.stages.load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
         self.stages.step(state.global_step, optimizer)
@@ -76,20 +76,14 @@ def _unwrap(model):
     return model
 
 
-def _calibration_loader(train_dataloader, args, model):
+def _calibration_loader(train_dataloader, args, seed: int):
     if train_dataloader is None:
         return None
-    from peft import PeftModel
-
-    unwrapped = _unwrap(model)
-    tuner = unwrapped.base_model if isinstance(unwrapped, PeftModel) else unwrapped
-    config = next(iter(tuner.peft_config.values()))
-    generator = torch.Generator().manual_seed(config.seed)
     return torch.utils.data.DataLoader(
         train_dataloader.dataset,
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
-        generator=generator,
+        generator=torch.Generator().manual_seed(seed),
         collate_fn=train_dataloader.collate_fn,
         num_workers=0,
     )

@@ -16,7 +16,7 @@ def fishertune_card_section(peft_model) -> str:
     gamma/tau/lambda, per-layer densities, and how to load it."""
     lines = [CARD_START, "## FisherTune adapter", ""]
     for name, config in peft_model.peft_config.items():
-        if str(config.peft_type) != "FISHERTUNE" and getattr(config.peft_type, "value", None) != "FISHERTUNE":
+        if config.peft_type != "FISHERTUNE":  # PeftType is a str enum
             continue
         layers = {
             module_name.removeprefix("base_model.model."): layer

@@ -65,7 +65,7 @@ class FisherTuneLayer(BaseTunerLayer):
 
     # ------------------------------------------------------------------ allocation
     def update_layer(
-        self, adapter_name: str, count: int, init_weights: bool = True, seed: int = 0, inference_mode: bool = False
+        self, adapter_name: str, count: int, init_weights: bool = True, inference_mode: bool = False
     ) -> None:
         """Allocate an adapter with ``count`` entries (placeholder positions until a selection or a load)."""
         weight = self.get_base_layer().weight
@@ -74,14 +74,12 @@ class FisherTuneLayer(BaseTunerLayer):
                 f"selection_counts asks for {count} entries but the weight {tuple(weight.shape)} has {weight.numel()}"
             )
         indices = torch.arange(count, dtype=INDEX_DTYPE, device=weight.device)
-        self._set_adapter_tensors(adapter_name, indices, count, init_weights, seed)
+        self._set_adapter_tensors(adapter_name, indices, count, init_weights)
         if count:
             self._placeholder[adapter_name] = _buffer_key(indices)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def set_selection(
-        self, adapter_name: str, indices: torch.Tensor, active: int, init_weights: bool = True, seed: int = 0
-    ) -> None:
+    def set_selection(self, adapter_name: str, indices: torch.Tensor, active: int, init_weights: bool = True) -> None:
         """Replace the adapter's entries by ``indices`` (flat positions, best first) with ``active`` of them active.
 
         The values Parameter keeps its identity and gets the new length, so an optimizer that holds it
@@ -92,9 +90,9 @@ class FisherTuneLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight
         indices = indices.to(device=weight.device, dtype=torch.int64)
         _check_indices(indices, weight.numel(), where=f"selection of adapter {adapter_name!r}")
-        self._set_adapter_tensors(adapter_name, indices.to(INDEX_DTYPE), active, init_weights, seed)
+        self._set_adapter_tensors(adapter_name, indices.to(INDEX_DTYPE), active, init_weights)
 
-    def _set_adapter_tensors(self, adapter_name, indices, active, init_weights, seed) -> None:
+    def _set_adapter_tensors(self, adapter_name, indices, active, init_weights) -> None:
         """Install ``indices`` and fresh values. An existing values Parameter is resized in place, so that an
         optimizer holding it keeps working (its state for it must be reset by the caller)."""
         weight = self.get_base_layer().weight

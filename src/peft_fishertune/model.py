@@ -53,7 +53,7 @@ class FisherTuneModel(BaseTuner):
     # ------------------------------------------------------------------ injection
     def _create_and_replace(self, config: FisherTuneConfig, adapter_name, target, target_name, parent, current_key):
         count = config.selection_counts.get(current_key, 0)
-        kwargs = {"init_weights": config.init_weights, "seed": config.seed, "inference_mode": config.inference_mode}
+        kwargs = {"init_weights": config.init_weights, "inference_mode": config.inference_mode}
         if isinstance(target, FisherTuneLayer):
             target.update_layer(adapter_name, count, **kwargs)
             return
@@ -152,7 +152,7 @@ class FisherTuneModel(BaseTuner):
             ranked = selection.indices[name]
             # The active prefix is a set: ascending order costs nothing now and lets the file use a set code.
             indices = torch.cat([ranked[: active[name]].sort().values, ranked[active[name] :]])
-            layer.set_selection(adapter_name, indices, active[name], init_weights=config.init_weights, seed=config.seed)
+            layer.set_selection(adapter_name, indices, active[name], init_weights=config.init_weights)
         config.selection_counts = {name: int(selection.indices[name].numel()) for name in layers}
         return dict(config.selection_counts)
 

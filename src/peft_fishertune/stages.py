@@ -204,10 +204,9 @@ class FisherTuneStages:
         if names != list(layers):
             raise ValueError(f"{path}: its modules do not match the adapter's ({len(names)} vs {len(layers)})")
         scores = {name: tensors.get(f"scores/{name}") for name in names}
-        indices = {name: layer.fishertune_indices[self.adapter_name].long() for name, layer in layers.items()}
-        if any(scores[n] is None or scores[n].numel() != indices[n].numel() for n in names):
+        if any(scores[n] is None or scores[n].numel() != layers[n].num_entries(self.adapter_name) for n in names):
             raise ValueError(f"{path}: the saved scores do not match the adapter's selection")
-        self.tuner._selections[self.adapter_name] = Selection(names=names, indices=indices, scores=scores)
+        self.tuner._selections[self.adapter_name] = Selection(names=names, indices={}, scores=scores)
 
 
 def create_optimizer(
