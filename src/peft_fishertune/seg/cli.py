@@ -4,6 +4,9 @@ fishertune-seg prepare gta5 /data/gta5
 fishertune-seg train configs/gta2cs_dinov2_large.yaml [--backbone facebook/dinov2-large] [--method lora]
 fishertune-seg eval runs/gta2cs/adapter --datasets cityscapes bdd100k mapillary [--root cityscapes=/data/cs]
 fishertune-seg predict runs/gta2cs/adapter image.png -o out.png
+fishertune-seg demo [--out fishertune_demo]           # embedded data and backbone, no downloads, ~2 min on CPU
+fishertune-seg benchmark [--out fishertune_demo]      # every method x 3 seeds on the embedded data
+fishertune-seg pretrain --out DIR                     # reproduce the shipped backbone
 """
 
 from __future__ import annotations
@@ -217,7 +220,35 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("folder")
     r.add_argument("image")
     r.add_argument("-o", "--output", required=True)
+    for name, text in (("demo", "FisherTune's three stages on the embedded multi-domain data, with figures"),
+                       ("benchmark", "every method x seeds on the embedded data: table and plot")):
+        d = commands.add_parser(name, help=text)
+        d.add_argument("--out", default="fishertune_demo", help="folder for the tables, figures and adapter")
+        d.add_argument("--reduced", action="store_true", help="a few steps of each stage (a smoke test)")
+        d.add_argument("--backbone", help="a backbone folder other than the shipped one")
+        d.add_argument("--no-progress", action="store_true")
+        for key in ("train_images", "eval_images", "warmup_steps", "calibration_steps", "tuning_steps"):
+            d.add_argument("--" + key.replace("_", "-"), type=int, help=f"override the budget's {key}")
+        if name == "demo":
+            d.add_argument("--seed", type=int, default=0)
+        else:
+            d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+            d.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
+    p = commands.add_parser("pretrain", help="pre-train the small backbone shipped with the package")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+
+    if args.command in ("demo", "benchmark"):
+        return _embedded(args)
+    if args.command == "pretrain":
+        from .foundation import pretrain
+
+        summary = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        print(f"saved the backbone to {args.out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
+        return 0
 
     if args.command == "prepare":
         from .data import prepare
@@ -235,6 +266,28 @@ def main(argv: list[str] | None = None) -> int:
     else:
         predict(args.folder, args.image, args.output)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _embedded(args) -> int:
+    from dataclasses import replace
+
+    from .demo import run_benchmark, run_demo
+    from .embedded import METHODS, Budget
+
+    budget = Budget.reduced() if args.reduced else Budget()
+    overrides = {key: getattr(args, key) for key in ("train_images", "eval_images", "warmup_steps",
+                                                     "calibration_steps", "tuning_steps")}
+    budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
+    if args.command == "demo":
+        run_demo(args.out, budget, seed=args.seed, progress=not args.no_progress, backbone_path=args.backbone)
+    else:
+        methods = args.methods or METHODS
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise SystemExit(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
+        run_benchmark(args.out, budget, seeds=args.seeds, methods=methods, progress=not args.no_progress,
+                      backbone_path=args.backbone)
     return 0
 
 

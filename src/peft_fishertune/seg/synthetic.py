@@ -91,35 +91,102 @@ def _paint(label: np.ndarray, y0: int, y1: int, x0: int, x1: int, value: int) ->
         label[y0:y1, x0:x1] = value
 
 
+def structure(label: np.ndarray, seed: int, index: int) -> np.ndarray:
+    """(H, W) multiplicative shading of a scene, a function of its layout only (the same in every domain).
+
+    Each class has its own pattern, so that a class can be told from another by its structure and not only by
+    its colour: windows on buildings, leafy blobs on vegetation, a dashed centre line on the road, paving lines
+    on sidewalks, dark wheels and light windows on cars, a light head on people, a gradient in the sky.
+    """
+    rng = np.random.default_rng([seed, index, 0])
+    size = label.shape[0]
+    rows, cols = np.mgrid[:size, :size]
+    shade = np.ones(label.shape, dtype=np.float32)
+    building = label == CLASSES.index("building")
+    windows = ((rows % 5) >= 2) & ((rows % 5) <= 3) & ((cols % 4) >= 1) & ((cols % 4) <= 2)
+    shade[building & windows] = 0.45
+    vegetation = label == CLASSES.index("vegetation")
+    blobs = rng.uniform(0.55, 1.45, (size // 4 + 1, size // 4 + 1)).astype(np.float32)
+    blobs = np.kron(blobs, np.ones((4, 4), dtype=np.float32))[:size, :size]
+    shade[vegetation] = blobs[vegetation]
+    road = label == CLASSES.index("road")
+    road_cols = np.where(road, cols, -1)
+    for y in range(size):
+        xs = np.flatnonzero(road_cols[y] >= 0)
+        if xs.size >= 5 and (y // 3) % 2 == 0:
+            mid = (xs[0] + xs[-1]) // 2
+            shade[y, mid : mid + 1] = 2.2
+    sidewalk = label == CLASSES.index("sidewalk")
+    shade[sidewalk & (rows % 3 == 0)] = 0.7
+    sky = label == CLASSES.index("sky")
+    shade[sky] = (1.15 - 0.5 * rows / size)[sky]
+    for name, low, high in (("car", 0.35, 1.5), ("person", 1.0, 1.6)):
+        mask = label == CLASSES.index(name)
+        for y0, y1, x0, x1 in _boxes(mask):
+            height = y1 - y0
+            if name == "car":
+                shade[y1 - max(1, height // 3) : y1, x0:x1] *= low  # wheels
+                shade[y0 : y0 + max(1, height // 3), x0:x1] *= high  # windows
+            else:
+                shade[y0 : y0 + max(1, height // 4), x0:x1] *= high  # head
+    return shade
+
+
+def _boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Bounding boxes of the connected runs of rows of ``mask`` (cars and people are axis-aligned boxes)."""
+    boxes = []
+    visited = np.zeros_like(mask)
+    for y, x in zip(*np.nonzero(mask)):
+        if visited[y, x]:
+            continue
+        x1 = x
+        while x1 < mask.shape[1] and mask[y, x1]:
+            x1 += 1
+        y1 = y
+        while y1 < mask.shape[0] and mask[y1, x:x1].all():
+            y1 += 1
+        visited[y:y1, x:x1] = True
+        boxes.append((int(y), int(y1), int(x), int(x1)))
+    return boxes
+
+
 def render(label: np.ndarray, domain: str, seed: int, index: int) -> np.ndarray:
     """(3, H, W) float image in [0, 1] of a class map in a domain."""
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; domains: {DOMAINS}")
     rng = np.random.default_rng([seed, index, DOMAINS.index(domain) + 1])
     palette = np.array(PALETTES["palette" if domain == "palette" else "source"], dtype=np.float32) / 255
-    image = palette[label]  # (H, W, 3)
     texture = 0.12 if domain == "palette" else 0.05
+    effects = {"night": "night", "fog": "fog", "rain": "rain", "blur": "blur"}
+    return _draw(label, structure(label, seed, index), palette, texture, effects.get(domain), rng)
+
+
+def _draw(label, shade, palette, texture, effect, rng, strength: float = 1.0) -> torch.Tensor:
+    """Colour a layout with a palette and its structure, add texture, then one visual effect (or none)."""
+    image = palette[label] * shade[..., None]  # (H, W, 3)
     image = image + texture * rng.standard_normal(image.shape[:2] + (1,)).astype(np.float32)
     size = label.shape[0]
-    if domain == "night":
-        image = image * np.array([0.25, 0.28, 0.45], dtype=np.float32)
+    if effect == "night":
+        image = image * (np.array([0.25, 0.28, 0.45], dtype=np.float32) ** strength)
+        yy, xx = np.mgrid[:size, :size]
         for _ in range(int(rng.integers(3, 7))):
             cy, cx = rng.uniform(0, size, 2)
-            yy, xx = np.mgrid[:size, :size]
             image += 0.6 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * (size * 0.04) ** 2))[..., None]
-    elif domain == "fog":
+    elif effect == "fog":
         horizon_weight = np.clip(1.0 - np.arange(size) / size, 0, 1)[:, None, None] ** 0.7
-        fog = 0.25 + 0.6 * horizon_weight
+        fog = np.clip(strength * (0.25 + 0.6 * horizon_weight), 0, 0.95)
         image = image * (1 - fog) + 0.75 * fog
-    elif domain == "rain":
-        image = image * 0.8 + 0.1 * rng.standard_normal(image.shape).astype(np.float32)
-        for _ in range(int(size * 1.5)):
+    elif effect == "rain":
+        image = image * 0.8 + 0.1 * strength * rng.standard_normal(image.shape).astype(np.float32)
+        for _ in range(int(size * 1.5 * strength)):
             x, y = int(rng.integers(0, size)), int(rng.integers(0, size))
             image[y : y + size // 8, x] = image[y : y + size // 8, x] * 0.4 + 0.5
     tensor = torch.from_numpy(np.clip(image, 0, 1)).permute(2, 0, 1).float()
-    if domain == "blur":
-        kernel = torch.ones(3, 1, 5, 5) / 25
-        tensor = F.conv2d(F.pad(tensor[None], (2, 2, 2, 2), mode="replicate"), kernel, groups=3)[0]
+    if effect == "blur":
+        width = 2 * max(1, round(2 * strength)) + 1
+        kernel = torch.ones(3, 1, width, width) / width**2
+        pad = width // 2
+        tensor = F.conv2d(F.pad(tensor[None], (pad,) * 4, mode="replicate"), kernel, groups=3)[0]
     return tensor.clamp(0, 1)
 
 
@@ -130,3 +197,28 @@ def synthetic_dataset(domain: str, count: int, seed: int = 0, size: int = 64, of
     images = [render(label, domain, seed, offset + i).numpy() for i, label in enumerate(labels)]
     dataset = Dataset.from_dict({"pixel_values": images, "labels": [lab.astype(np.int64) for lab in labels]})
     return dataset.with_format("torch")
+
+
+# Pre-training data for the small foundation backbone: the same world, any look, and a coarser label space.
+COARSE_CLASSES = ("flat", "upright", "sky", "object")
+COARSE_OF_CLASS = np.array([0, 0, 1, 1, 2, 3, 3], dtype=np.uint8)  # road, sidewalk | building, vegetation | sky | car, person
+PRETRAINING_SEED = 1_000_003  # its scenes are never those of the benchmark's seeds
+
+
+def pretraining_scene(index: int, size: int = 64) -> tuple[torch.Tensor, np.ndarray]:
+    """One pre-training scene: a layout in a random look (a random colour per class, random texture and a random
+    effect of random strength, or none) and its coarse label map (``COARSE_CLASSES``)."""
+    rng = np.random.default_rng([PRETRAINING_SEED, index, 99])
+    label = layout(PRETRAINING_SEED, index, size)
+    palette = rng.uniform(0.05, 0.95, (len(CLASSES), 3)).astype(np.float32)
+    effect = [None, "night", "fog", "rain", "blur"][int(rng.integers(0, 5))]
+    image = _draw(
+        label,
+        structure(label, PRETRAINING_SEED, index),
+        palette,
+        float(rng.uniform(0.0, 0.15)),
+        effect,
+        rng,
+        strength=float(rng.uniform(0.5, 1.5)),
+    )
+    return image, COARSE_OF_CLASS[label]
