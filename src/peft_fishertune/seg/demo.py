@@ -39,13 +39,11 @@ LABELS = {
 }
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A matplotlib Figure outside pyplot: no global backend switch, nothing left open in a notebook."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def domain_table(rows: dict[str, dict[str, float]]) -> str:
@@ -139,9 +137,11 @@ def colourise(labels: np.ndarray) -> np.ndarray:
 
 @torch.no_grad()
 def plot_predictions(model, evaluation: dict, path, scenes: int = 2) -> Path:
-    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
     model.eval()
-    fig, axes = plt.subplots(len(DOMAINS), 3 * scenes, figsize=(2.0 * 3 * scenes, 2.0 * len(DOMAINS)))
+    fig = _figure(figsize=(2.0 * 3 * scenes, 2.0 * len(DOMAINS)))
+    axes = fig.subplots(len(DOMAINS), 3 * scenes)
     for row, domain in enumerate(DOMAINS):
         images = evaluation[domain]["pixel_values"][:scenes]
         predictions = model(pixel_values=images).logits.argmax(1).numpy()
@@ -156,18 +156,17 @@ def plot_predictions(model, evaluation: dict, path, scenes: int = 2) -> Path:
                 ax.imshow(picture, interpolation="nearest")
                 ax.set_title(title, fontsize=8)
                 ax.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLOURS[i] / 255) for i in range(len(CLASSES))]
+    handles = [Rectangle((0, 0), 1, 1, color=COLOURS[i] / 255) for i in range(len(CLASSES))]
     fig.legend(handles, CLASSES, loc="lower center", ncol=len(CLASSES), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return Path(path)
 
 
 def plot_selection(fraction: np.ndarray, path) -> Path:
-    plt = _pyplot()
     fraction = np.asarray(fraction)
-    fig, ax = plt.subplots(figsize=(5, 0.5 * len(fraction) + 1.2))
+    fig = _figure(figsize=(5, 0.5 * len(fraction) + 1.2))
+    ax = fig.subplots()
     image = ax.imshow(fraction, cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(GROUPS)), list(GROUPS))
     ax.set_yticks(range(len(fraction)), [f"block {i}" for i in range(len(fraction))])
@@ -178,7 +177,6 @@ def plot_selection(fraction: np.ndarray, path) -> Path:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return Path(path)
 
 
@@ -190,10 +188,12 @@ def _overall(fraction: np.ndarray) -> float:
 def plot_methods(record: dict, path) -> Path:
     """Left: final source vs unseen mIoU, mean ± std over seeds. Right: the curves over stage 3 (mean over
     seeds), from the shared warm-up point to the end, so that "learned less" reads apart from "generalised"."""
-    plt = _pyplot()
+    from matplotlib import colormaps
+
     summary = record["summary"]["methods"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    colours = plt.get_cmap("tab10")
+    fig = _figure(figsize=(12, 4.8))
+    left, right = fig.subplots(1, 2)
+    colours = colormaps["tab10"]
     for i, method in enumerate(summary):
         row = summary[method]
         (sm, ss), (um, us) = row[SOURCE], row["unseen"]
@@ -215,5 +215,4 @@ def plot_methods(record: dict, path) -> Path:
     left.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return Path(path)

@@ -147,12 +147,13 @@ def warmup(seed: int, budget: Budget, data=None, backbone_path: str | None = Non
     return model, evaluate(model, evaluation)
 
 
-def fishertune_config(method: str, budget: Budget, seed: int):
+def fishertune_config(method: str, budget: Budget, seed: int, **overrides):
+    """The FisherTuneConfig of a FisherTune-family method on this budget; ``overrides`` replace any field."""
     from peft_fishertune import FisherTuneConfig
 
     from .model import backbone_target_modules
 
-    return FisherTuneConfig(
+    fields = dict(
         target_modules=backbone_target_modules(),
         modules_to_save=["decode_head"],
         density_min=budget.density_min,
@@ -166,11 +167,15 @@ def fishertune_config(method: str, budget: Budget, seed: int):
         tuning_steps=budget.tuning_steps,
         seed=seed,
     )
+    return FisherTuneConfig(**{**fields, **overrides})
 
 
 def run_method(method: str, seed: int, budget: Budget, warm=None, data=None, progress: bool = True,
-               backbone_path: str | None = None) -> dict:
-    """Stages 2-3 of one method from the seed's warm-up; returns its final mIoU per domain, curve and timing."""
+               backbone_path: str | None = None, overrides: dict | None = None, label: str | None = None) -> dict:
+    """Stages 2-3 of one method from the seed's warm-up; returns its final mIoU per domain, curve and timing.
+
+    ``overrides``: FisherTuneConfig fields for the FisherTune-family methods (e.g. ``{"perturb_module": None}``);
+    ``label``: the name the result carries (default: the method)."""
     from peft import LoraConfig, get_peft_model
 
     from .model import backbone_target_modules
@@ -195,7 +200,7 @@ def run_method(method: str, seed: int, budget: Budget, warm=None, data=None, pro
         from peft_fishertune import FisherTuneStages
         from peft_fishertune.selection import initial_scores
 
-        trainable = get_peft_model(model, fishertune_config(method, budget, seed))
+        trainable = get_peft_model(model, fishertune_config(method, budget, seed, **(overrides or {})))
         loader = DataLoader(train, batch_size=budget.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(seed + 2))
         stages = FisherTuneStages(trainable, calibration_data=loader, calibration_kwargs={"progress": progress})
@@ -230,7 +235,7 @@ def run_method(method: str, seed: int, budget: Budget, warm=None, data=None, pro
     if shift is not None:
         shift.remove()
     result = {
-        "method": method,
+        "method": label or method,
         "seed": seed,
         "final": curve[-1],
         "curve": curve,
@@ -303,7 +308,7 @@ def summarise(results: list[dict]) -> dict:
     """Mean and std over seeds of each method's final source and unseen mIoU (and each domain), and the unseen
     mIoU at a matched source mIoU: the lowest final source mIoU among the methods that tune the backbone, with
     each run's unseen score interpolated along its source/unseen curve where it first reaches that level."""
-    methods = [m for m in METHODS if any(r["method"] == m for r in results)]
+    methods = list(dict.fromkeys(r["method"] for r in results))  # in the order they ran
     tuned = [m for m in methods if m != "frozen"]
     by = {m: [r for r in results if r["method"] == m] for m in methods}
     level = min((np.mean([r["final"][SOURCE] for r in by[m]]) for m in tuned), default=float("nan"))
