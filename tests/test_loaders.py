@@ -214,3 +214,21 @@ def test_layers_expose_in_and_out_features(model_id, name, expected):
     model = get_peft_model(base, random_config(target_modules=[name]))
     layer = model.base_model.model.get_submodule(name)
     assert (layer.in_features, layer.out_features) == expected
+
+
+def test_merge_and_unload_with_a_sequential_module_to_save():
+    """A decoder without a weight of its own (nn.Sequential) in modules_to_save: merge_and_unload puts the trained
+    copy back and folds the delta into the backbone (peft's generic unloading copied ``.weight`` and raised)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.add_module("body", torch.nn.Linear(8, 8))
+    model.add_module("head", torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.ReLU()))
+    peft_model = get_peft_model(model, FisherTuneConfig(target_modules=["body"], modules_to_save=["head"],
+                                                        init_selection="random", init_weights=False))
+    with torch.no_grad():
+        peft_model.base_model.model.head.modules_to_save["default"][0].weight.add_(1.0)
+    x = torch.randn(4, 8)
+    expected = peft_model(x)
+    merged = peft_model.merge_and_unload()
+    assert isinstance(merged.head, torch.nn.Sequential) and isinstance(merged.body, torch.nn.Linear)
+    assert torch.allclose(merged(x), expected, atol=1e-6)

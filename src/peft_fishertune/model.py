@@ -8,6 +8,11 @@ from collections.abc import Mapping
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 
+try:  # peft >= 0.15: the base class of modules_to_save and trainable-token wrappers
+    from peft.utils.other import AuxiliaryTrainingWrapper
+except ImportError:  # pragma: no cover
+    from peft.utils.other import ModulesToSaveWrapper as AuxiliaryTrainingWrapper
+
 from .config import FisherTuneConfig
 from .layer import LAYER_CLASSES, FisherTuneLayer
 from .selection import Selection, count_for_density, global_topk, initial_scores
@@ -61,6 +66,15 @@ class FisherTuneModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent, child_name, new_module, child) -> None:
+        """peft's generic version copies ``child.weight`` onto every unloaded module that is not a tuner layer.
+        When ``merge_and_unload`` unwraps a ``modules_to_save`` copy of a module with no ``weight`` of its own
+        (an ``nn.Sequential`` decoder), that raises; such a module is simply put back."""
+        if isinstance(child, AuxiliaryTrainingWrapper):
+            setattr(parent, child_name, new_module)
+            return
+        super()._replace_module(parent, child_name, new_module, child)
 
     @staticmethod
     def _create_new_module(target, adapter_name, count, kwargs):
