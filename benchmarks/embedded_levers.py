@@ -23,6 +23,11 @@ VARIANTS = {
     "no-augment": ({}, {"augment": False}),  # no shift as augmentation in stage 3 (for this run only)
     "density-5": ({"density_max": 0.05}, {}),  # grow to 5% instead of 15%
     "linear": ({"schedule": "linear"}, {}),
+    # gamma * tau^-2 = 100 at the defaults sits in the domain term's denominator, far above F (~1e-8..1e-5 with a
+    # mean loss), so |F - F'| / (min(F, F') + eps + gamma tau^-2) is an absolute difference that follows F. A wide
+    # prior and a tiny eps make it the relative change Eq. 14 describes:
+    "relative": ({"tau": 1e4, "eps": 1e-12}, {}),
+    "relative-domain-only": ({"tau": 1e4, "eps": 1e-12, "lam": 1.0}, {}),
 }
 
 
@@ -43,8 +48,11 @@ def main() -> None:
         for name in args.variants:
             overrides, budget_changes = VARIANTS[name]
             run_budget = replace(budget, **budget_changes)
-            results.append(embedded.run_method("fishertune", seed, run_budget, warm, data, progress=False,
-                                               overrides=overrides, label=name))
+            results.append(
+                embedded.run_method(
+                    "fishertune", seed, run_budget, warm, data, progress=False, overrides=overrides, label=name
+                )
+            )
             print(f"seed {seed} {name}: done", flush=True)
     for result in results:
         result.pop("model", None)

@@ -118,8 +118,12 @@ def test_demo_and_benchmark_end_to_end_on_a_reduced_budget(tmp_path, capsys):
         assert torch.allclose(reloaded(pixel_values=x).logits, expected, atol=1e-5)
 
     record = run_benchmark(out, budget, seeds=(0, 1), methods=("frozen", "random"), progress=False)
-    assert [(r["method"], r["seed"]) for r in record["runs"]] == [("frozen", 0), ("random", 0), ("frozen", 1),
-                                                                 ("random", 1)]
+    assert [(r["method"], r["seed"]) for r in record["runs"]] == [
+        ("frozen", 0),
+        ("random", 0),
+        ("frozen", 1),
+        ("random", 1),
+    ]
     on_disk = json.loads((out / "benchmark.json").read_text())
     assert on_disk["summary"] == json.loads(json.dumps(record["summary"]))
     assert (out / "benchmark.png").is_file() and "| random |" in (out / "benchmark.md").read_text()

@@ -223,8 +223,12 @@ def test_merge_and_unload_with_a_sequential_module_to_save():
     model = torch.nn.Sequential()
     model.add_module("body", torch.nn.Linear(8, 8))
     model.add_module("head", torch.nn.Sequential(torch.nn.Linear(8, 3), torch.nn.ReLU()))
-    peft_model = get_peft_model(model, FisherTuneConfig(target_modules=["body"], modules_to_save=["head"],
-                                                        init_selection="random", init_weights=False))
+    peft_model = get_peft_model(
+        model,
+        FisherTuneConfig(
+            target_modules=["body"], modules_to_save=["head"], init_selection="random", init_weights=False
+        ),
+    )
     with torch.no_grad():
         peft_model.base_model.model.head.modules_to_save["default"][0].weight.add_(1.0)
     x = torch.randn(4, 8)

@@ -220,8 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("folder")
     r.add_argument("image")
     r.add_argument("-o", "--output", required=True)
-    for name, text in (("demo", "FisherTune's three stages on the embedded multi-domain data, with figures"),
-                       ("benchmark", "every method x seeds on the embedded data: table and plot")):
+    for name, text in (
+        ("demo", "FisherTune's three stages on the embedded multi-domain data, with figures"),
+        ("benchmark", "every method x seeds on the embedded data: table and plot"),
+    ):
         d = commands.add_parser(name, help=text)
         d.add_argument("--out", default="fishertune_demo", help="folder for the tables, figures and adapter")
         d.add_argument("--reduced", action="store_true", help="a few steps of each stage (a smoke test)")
@@ -276,8 +278,10 @@ def _embedded(args) -> int:
     from .embedded import METHODS, Budget
 
     budget = Budget.reduced() if args.reduced else Budget()
-    overrides = {key: getattr(args, key) for key in ("train_images", "eval_images", "warmup_steps",
-                                                     "calibration_steps", "tuning_steps")}
+    overrides = {
+        key: getattr(args, key)
+        for key in ("train_images", "eval_images", "warmup_steps", "calibration_steps", "tuning_steps")
+    }
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     if args.command == "demo":
         run_demo(args.out, budget, seed=args.seed, progress=not args.no_progress, backbone_path=args.backbone)
@@ -286,8 +290,14 @@ def _embedded(args) -> int:
         unknown = [m for m in methods if m not in METHODS]
         if unknown:
             raise SystemExit(f"unknown method(s) {unknown}; methods: {', '.join(METHODS)}")
-        run_benchmark(args.out, budget, seeds=args.seeds, methods=methods, progress=not args.no_progress,
-                      backbone_path=args.backbone)
+        run_benchmark(
+            args.out,
+            budget,
+            seeds=args.seeds,
+            methods=methods,
+            progress=not args.no_progress,
+            backbone_path=args.backbone,
+        )
     return 0
 
 

@@ -55,21 +55,30 @@ def domain_table(rows: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out: str | os.PathLike = "fishertune_demo", budget: Budget | None = None, seed: int = 0,
-             progress: bool = True, backbone_path: str | None = None) -> dict:
+def run_demo(
+    out: str | os.PathLike = "fishertune_demo",
+    budget: Budget | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    backbone_path: str | None = None,
+) -> dict:
     """The demo; returns the per-domain results, the selected fractions and the paths written."""
     budget = budget or Budget()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    print(f"data: {budget.train_images} source scenes for training, {budget.eval_images} held-out scenes in each "
-          f"of {len(DOMAINS)} domains ({', '.join(DOMAINS)}); backbone: {backbone_path or 'the shipped one'}")
+    print(
+        f"data: {budget.train_images} source scenes for training, {budget.eval_images} held-out scenes in each "
+        f"of {len(DOMAINS)} domains ({', '.join(DOMAINS)}); backbone: {backbone_path or 'the shipped one'}"
+    )
     data = embedded.make_data(seed, budget)
     print(f"stage 1: warm-up, {budget.warmup_steps} steps, backbone frozen, decoder trained")
     warm = embedded.warmup(seed, budget, data, backbone_path, progress)
-    print(f"stage 2: DR-FIM ({'closed form'}), {budget.calibration_steps} batches clean and shifted; "
-          f"stage 3: {budget.tuning_steps} steps, density {budget.density_min:.0%} -> {budget.density_max:.0%}")
+    print(
+        f"stage 2: DR-FIM ({'closed form'}), {budget.calibration_steps} batches clean and shifted; "
+        f"stage 3: {budget.tuning_steps} steps, density {budget.density_min:.0%} -> {budget.density_max:.0%}"
+    )
     result = embedded.run_method("fishertune", seed, budget, warm, data, progress)
     model = result.pop("model")
     rows = {"after warm-up (frozen backbone)": warm[1], "FisherTune": result["final"]}
@@ -80,8 +89,10 @@ def run_demo(out: str | os.PathLike = "fishertune_demo", budget: Budget | None =
     adapter = out / "adapter"
     model.save_pretrained(adapter)
     size = sum(f.stat().st_size for f in adapter.iterdir())
-    print(f"\nadapter: {result['trainable_backbone']:,} backbone weights of {model.base_model.num_candidates():,} "
-          f"candidates, saved to {adapter} ({size / 1e6:.2f} MB with the decoder)")
+    print(
+        f"\nadapter: {result['trainable_backbone']:,} backbone weights of {model.base_model.num_candidates():,} "
+        f"candidates, saved to {adapter} ({size / 1e6:.2f} MB with the decoder)"
+    )
     paths = {
         "predictions": plot_predictions(model, data[1], out / "predictions.png"),
         "selection": plot_selection(result["selected_fraction"], out / "selection.png"),
@@ -97,8 +108,14 @@ def run_demo(out: str | os.PathLike = "fishertune_demo", budget: Budget | None =
     return {"results": rows, "selected_fraction": result["selected_fraction"], "paths": paths, "model": model}
 
 
-def run_benchmark(out: str | os.PathLike = "fishertune_demo", budget: Budget | None = None, seeds=(0, 1, 2),
-                  methods=METHODS, progress: bool = True, backbone_path: str | None = None) -> dict:
+def run_benchmark(
+    out: str | os.PathLike = "fishertune_demo",
+    budget: Budget | None = None,
+    seeds=(0, 1, 2),
+    methods=METHODS,
+    progress: bool = True,
+    backbone_path: str | None = None,
+) -> dict:
     budget = budget or Budget()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -114,12 +131,20 @@ def run_benchmark(out: str | os.PathLike = "fishertune_demo", budget: Budget | N
                 run["selected_fraction"] = run["selected_fraction"].tolist()
             results.append(run)
             final = run["final"]
-            print(f"seed {seed} {method:24s} source {100 * final[SOURCE]:5.1f}  unseen {100 * final['unseen']:5.1f}"
-                  f"  ({run['seconds']:.0f} s)")
+            print(
+                f"seed {seed} {method:24s} source {100 * final[SOURCE]:5.1f}  unseen {100 * final['unseen']:5.1f}"
+                f"  ({run['seconds']:.0f} s)"
+            )
     summary = embedded.summarise(results)
     seconds = time.perf_counter() - start
-    record = {"budget": embedded.budget_dict(budget), "seeds": list(seeds), "summary": summary, "runs": results,
-              "seconds": seconds, "torch_threads": torch.get_num_threads()}
+    record = {
+        "budget": embedded.budget_dict(budget),
+        "seeds": list(seeds),
+        "summary": summary,
+        "runs": results,
+        "seconds": seconds,
+        "torch_threads": torch.get_num_threads(),
+    }
     (out / "benchmark.json").write_text(json.dumps(record, indent=1))
     table = embedded.markdown_table(summary)
     (out / "benchmark.md").write_text(table + "\n")
@@ -171,8 +196,15 @@ def plot_selection(fraction: np.ndarray, path) -> Path:
     ax.set_xticks(range(len(GROUPS)), list(GROUPS))
     ax.set_yticks(range(len(fraction)), [f"block {i}" for i in range(len(fraction))])
     for (i, j), value in np.ndenumerate(fraction):
-        ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=7,
-                color="white" if value < fraction.max() / 2 else "black")
+        ax.text(
+            j,
+            i,
+            f"{100 * value:.0f}%",
+            ha="center",
+            va="center",
+            fontsize=7,
+            color="white" if value < fraction.max() / 2 else "black",
+        )
     ax.set_title(f"selected fraction per weight matrix (all: {_overall(fraction):.0%} of candidates)", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
@@ -197,8 +229,16 @@ def plot_methods(record: dict, path) -> Path:
     for i, method in enumerate(summary):
         row = summary[method]
         (sm, ss), (um, us) = row[SOURCE], row["unseen"]
-        left.errorbar(100 * sm, 100 * um, xerr=100 * ss, yerr=100 * us, fmt="o", color=colours(i), capsize=3,
-                      label=LABELS.get(method, method))
+        left.errorbar(
+            100 * sm,
+            100 * um,
+            xerr=100 * ss,
+            yerr=100 * us,
+            fmt="o",
+            color=colours(i),
+            capsize=3,
+            label=LABELS.get(method, method),
+        )
         runs = [r for r in record["runs"] if r["method"] == method]
         steps = len(min((r["curve"] for r in runs), key=len))
         source = np.mean([[p[SOURCE] for p in r["curve"][:steps]] for r in runs], axis=0)

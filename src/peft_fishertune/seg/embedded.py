@@ -76,8 +76,15 @@ class Budget:
     @classmethod
     def reduced(cls) -> Budget:
         """A budget for tests and the notebook: a few steps of every stage."""
-        return cls(train_images=32, eval_images=8, batch_size=8, warmup_steps=4, calibration_steps=2,
-                   tuning_steps=6, eval_every=3)
+        return cls(
+            train_images=32,
+            eval_images=8,
+            batch_size=8,
+            warmup_steps=4,
+            calibration_steps=2,
+            tuning_steps=6,
+            eval_every=3,
+        )
 
 
 def make_data(seed: int, budget: Budget):
@@ -129,8 +136,12 @@ def warmup(seed: int, budget: Budget, data=None, backbone_path: str | None = Non
     """Stage 1: train the head on the frozen backbone. Returns (model, curve point after the warm-up)."""
     train, evaluation = data or make_data(seed, budget)
     torch.manual_seed(seed)
-    model = TokenSegmenter(load_foundation(backbone_path), num_labels=len(CLASSES),
-                           feature_blocks=budget.feature_blocks, head_width=budget.head_width)
+    model = TokenSegmenter(
+        load_foundation(backbone_path),
+        num_labels=len(CLASSES),
+        feature_blocks=budget.feature_blocks,
+        head_width=budget.head_width,
+    )
     model.backbone.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.decode_head.parameters(), lr=budget.head_lr, weight_decay=0.0)
     batches = _Batches(train, budget.batch_size, seed)
@@ -170,8 +181,17 @@ def fishertune_config(method: str, budget: Budget, seed: int, **overrides):
     return FisherTuneConfig(**{**fields, **overrides})
 
 
-def run_method(method: str, seed: int, budget: Budget, warm=None, data=None, progress: bool = True,
-               backbone_path: str | None = None, overrides: dict | None = None, label: str | None = None) -> dict:
+def run_method(
+    method: str,
+    seed: int,
+    budget: Budget,
+    warm=None,
+    data=None,
+    progress: bool = True,
+    backbone_path: str | None = None,
+    overrides: dict | None = None,
+    label: str | None = None,
+) -> dict:
     """Stages 2-3 of one method from the seed's warm-up; returns its final mIoU per domain, curve and timing.
 
     ``overrides``: FisherTuneConfig fields for the FisherTune-family methods (e.g. ``{"perturb_module": None}``);
@@ -193,16 +213,21 @@ def run_method(method: str, seed: int, budget: Budget, warm=None, data=None, pro
         model.backbone.requires_grad_(method == "full")
         trainable = model
     elif method == "lora":
-        config = LoraConfig(r=budget.lora_rank, lora_alpha=2 * budget.lora_rank,
-                            target_modules=backbone_target_modules(), modules_to_save=["decode_head"])
+        config = LoraConfig(
+            r=budget.lora_rank,
+            lora_alpha=2 * budget.lora_rank,
+            target_modules=backbone_target_modules(),
+            modules_to_save=["decode_head"],
+        )
         trainable = get_peft_model(model, config)
     else:
         from peft_fishertune import FisherTuneStages
         from peft_fishertune.selection import initial_scores
 
         trainable = get_peft_model(model, fishertune_config(method, budget, seed, **(overrides or {})))
-        loader = DataLoader(train, batch_size=budget.batch_size, shuffle=True,
-                            generator=torch.Generator().manual_seed(seed + 2))
+        loader = DataLoader(
+            train, batch_size=budget.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 2)
+        )
         stages = FisherTuneStages(trainable, calibration_data=loader, calibration_kwargs={"progress": progress})
         if method == "random":
             weights = {name: layer.get_base_layer().weight for name, layer in trainable.base_model._layers().items()}
@@ -286,8 +311,14 @@ def _trainable_backbone(model, method: str) -> int:
     return sum(model.base_model.active_counts().values())
 
 
-GROUPS = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value"),
-          "o": ("o_proj", "output.dense"), "fc1": ("fc1",), "fc2": ("fc2",)}  # transformers 5 and 4 names
+GROUPS = {
+    "q": ("q_proj", "query"),
+    "k": ("k_proj", "key"),
+    "v": ("v_proj", "value"),
+    "o": ("o_proj", "output.dense"),
+    "fc1": ("fc1",),
+    "fc2": ("fc2",),
+}  # transformers 5 and 4 names
 
 
 def selected_fraction(model) -> np.ndarray:

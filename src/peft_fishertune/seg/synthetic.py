@@ -201,7 +201,8 @@ def synthetic_dataset(domain: str, count: int, seed: int = 0, size: int = 64, of
 
 # Pre-training data for the small foundation backbone: the same world, any look, and a coarser label space.
 COARSE_CLASSES = ("flat", "upright", "sky", "object")
-COARSE_OF_CLASS = np.array([0, 0, 1, 1, 2, 3, 3], dtype=np.uint8)  # road, sidewalk | building, vegetation | sky | car, person
+# road, sidewalk -> flat; building, vegetation -> upright; sky -> sky; car, person -> object
+COARSE_OF_CLASS = np.array([0, 0, 1, 1, 2, 3, 3], dtype=np.uint8)
 PRETRAINING_SEED = 1_000_003  # its scenes are never those of the benchmark's seeds
 
 
