@@ -30,7 +30,7 @@ from torch.nn import functional as F
 
 from .synthetic import COARSE_CLASSES, pretraining_scene
 
-FOUNDATION_PATH = str(Path(__file__).parent / "foundation")
+FOUNDATION_PATH = str(Path(__file__).parent / "pretrained")
 IMAGE_SIZE = 64
 
 
