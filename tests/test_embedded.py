@@ -152,3 +152,19 @@ def test_cli_demo_reduced(tmp_path, capsys):
     assert "| FisherTune |" in capsys.readouterr().out and (tmp_path / "selection.png").is_file()
     with pytest.raises(SystemExit, match="adapterx"):
         main(["benchmark", "--reduced", "--out", str(tmp_path), "--methods", "adapterx"])
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("tuning_steps", 0), ("eval_every", 0), ("batch_size", 1000), ("head_lr", 0.0), ("warmup_steps", -1)],
+)
+def test_bad_budget_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        embedded.Budget(**{field: value})
+
+
+def test_cli_rejects_a_bad_budget_override(tmp_path):
+    from peft_fishertune.seg.cli import main
+
+    with pytest.raises(ValueError, match="tuning_steps"):
+        main(["demo", "--reduced", "--out", str(tmp_path), "--tuning-steps", "0"])

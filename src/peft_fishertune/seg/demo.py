@@ -67,7 +67,6 @@ def run_demo(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     print(
         f"data: {budget.train_images} source scenes for training, {budget.eval_images} held-out scenes in each "
         f"of {len(DOMAINS)} domains ({', '.join(DOMAINS)}); backbone: {backbone_path or 'the shipped one'}"

@@ -73,6 +73,21 @@ class Budget:
     feature_blocks: tuple = (6,)
     head_width: int | None = None
 
+    def __post_init__(self):
+        for name in ("train_images", "eval_images", "batch_size", "calibration_steps", "tuning_steps", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"Budget.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"Budget.warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.batch_size > self.train_images:
+            raise ValueError(f"Budget.batch_size ({self.batch_size}) exceeds train_images ({self.train_images})")
+        for name in ("head_lr", "backbone_lr", "lora_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Budget.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 < self.density_min <= self.density_max <= 1:
+            raise ValueError(f"need 0 < density_min <= density_max <= 1, got {self.density_min}, {self.density_max}")
+
     @classmethod
     def reduced(cls) -> Budget:
         """A budget for tests and the notebook: a few steps of every stage."""
@@ -236,7 +251,7 @@ def run_method(
     if stages is not None:
         stages.step(0, optimizer)  # calibration and selection (or the random selection's first density)
     calibrated = time.perf_counter()
-    shift = _augmentation(trainable, budget, seed) if budget.augment else None
+    shift = _StageShift(trainable, budget, seed) if budget.augment else None
     batches = _Batches(train, budget.batch_size, seed + 4)
     curve = [{"step": 0, **warm[1]}]
     bar = _progress(budget.tuning_steps, f"{method} (seed {seed})", progress)
@@ -284,7 +299,7 @@ def _optimizer(model, method: str, budget: Budget):
     return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
-class _augmentation:
+class _StageShift:
     """The DSU-style shift on the patch embeddings, a new draw every step (training only)."""
 
     def __init__(self, model, budget: Budget, seed: int):
