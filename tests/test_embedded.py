@@ -168,3 +168,14 @@ def test_cli_rejects_a_bad_budget_override(tmp_path):
 
     with pytest.raises(ValueError, match="tuning_steps"):
         main(["demo", "--reduced", "--out", str(tmp_path), "--tuning-steps", "0"])
+
+
+def test_demo_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from peft_fishertune.seg.demo import run_demo
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    with pytest.raises(ImportError, match=r"peft-fishertune\[demo\]"):
+        run_demo(tmp_path, embedded.Budget.reduced(), progress=False)
+    assert not any(tmp_path.iterdir())  # failed before writing anything

@@ -4,7 +4,7 @@ fishertune-seg prepare gta5 /data/gta5
 fishertune-seg train configs/gta2cs_dinov2_large.yaml [--backbone facebook/dinov2-large] [--method lora]
 fishertune-seg eval runs/gta2cs/adapter --datasets cityscapes bdd100k mapillary [--root cityscapes=/data/cs]
 fishertune-seg predict runs/gta2cs/adapter image.png -o out.png
-fishertune-seg demo [--out fishertune_demo]           # embedded data and backbone, no downloads, ~2 min on CPU
+fishertune-seg demo [--out fishertune_demo]           # embedded data and backbone, no downloads, ~1 min on CPU
 fishertune-seg benchmark [--out fishertune_demo]      # every method x 3 seeds on the embedded data
 fishertune-seg pretrain --out DIR                     # reproduce the shipped backbone
 """

@@ -39,6 +39,16 @@ LABELS = {
 }
 
 
+def _require_matplotlib() -> None:
+    """Fail before any training rather than after it when the figures cannot be drawn."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "the demo and the benchmark draw figures with matplotlib: pip install 'peft-fishertune[demo]'"
+        ) from error
+
+
 def _figure(**kwargs):
     """A matplotlib Figure outside pyplot: no global backend switch, nothing left open in a notebook."""
     from matplotlib.figure import Figure
@@ -63,6 +73,7 @@ def run_demo(
     backbone_path: str | None = None,
 ) -> dict:
     """The demo; returns the per-domain results, the selected fractions and the paths written."""
+    _require_matplotlib()
     budget = budget or Budget()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -115,6 +126,7 @@ def run_benchmark(
     progress: bool = True,
     backbone_path: str | None = None,
 ) -> dict:
+    _require_matplotlib()
     budget = budget or Budget()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
