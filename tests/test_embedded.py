@@ -179,3 +179,14 @@ def test_demo_without_matplotlib_says_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"peft-fishertune\[demo\]"):
         run_demo(tmp_path, embedded.Budget.reduced(), progress=False)
     assert not any(tmp_path.iterdir())  # failed before writing anything
+
+
+def test_cli_pretrain_writes_a_loadable_backbone(tmp_path, capsys):
+    from peft_fishertune.seg.cli import main
+
+    out = tmp_path / "backbone"
+    assert (
+        main(["pretrain", "--out", str(out), "--steps", "2", "--batch-size", "4", "--pool", "8", "--no-progress"]) == 0
+    )
+    assert "held_out_coarse_miou" in capsys.readouterr().out
+    assert load_foundation(str(out)).config.hidden_size == 128

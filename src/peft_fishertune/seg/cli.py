@@ -240,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--pool", type=int, default=6000, help="pre-generated scenes drawn from")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
     if args.command in ("demo", "benchmark"):
@@ -248,7 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "pretrain":
         from .foundation import pretrain
 
-        summary = pretrain(args.out, steps=args.steps, batch_size=args.batch_size, seed=args.seed)
+        summary = pretrain(
+            args.out,
+            steps=args.steps,
+            batch_size=args.batch_size,
+            pool=args.pool,
+            seed=args.seed,
+            progress=not args.no_progress,
+        )
         print(f"saved the backbone to {args.out}: " + ", ".join(f"{k} {v:.4g}" for k, v in summary.items()))
         return 0
 
