@@ -94,7 +94,7 @@ def test_demo_and_benchmark_end_to_end_on_a_reduced_budget(tmp_path, capsys):
     figure drawn from the benchmark's record."""
     from peft import PeftModel
 
-    from peft_fishertune.seg.demo import _overall, run_benchmark, run_demo
+    from peft_fishertune.seg.demo import run_benchmark, run_demo
 
     budget = embedded.Budget.reduced()
     out = tmp_path / "demo"
@@ -105,7 +105,7 @@ def test_demo_and_benchmark_end_to_end_on_a_reduced_budget(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert "methods" not in result["paths"]
     fraction = result["selected_fraction"]
-    assert fraction.shape == (6, 6) and _overall(fraction) == pytest.approx(budget.density_max, abs=2e-3)
+    assert fraction.shape == (6, 6) and result["active_fraction"] == pytest.approx(budget.density_max, abs=2e-3)
     for domain_result in result["results"].values():
         assert all(0 <= domain_result[d] <= 1 for d in (*embedded.DOMAINS, "unseen"))
 

@@ -15,19 +15,19 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import embedded
+from .classes import CITYSCAPES_CLASSES, PALETTE
 from .embedded import DOMAINS, GROUPS, METHODS, SOURCE, Budget
 from .synthetic import CLASSES
 
-COLOURS = np.array(
-    [(128, 64, 128), (244, 35, 232), (70, 70, 70), (107, 142, 35), (70, 130, 180), (0, 0, 142), (220, 20, 60)],
-    dtype=np.uint8,
-)  # road, sidewalk, building, vegetation, sky, car, person (Cityscapes' colours)
+# each embedded class in its Cityscapes colour
+COLOURS = PALETTE[[CITYSCAPES_CLASSES.index(name) for name in CLASSES]]
 LABELS = {
     "frozen": "frozen backbone",
     "full": "full fine-tuning",
@@ -47,6 +47,14 @@ def _require_matplotlib() -> None:
         raise ImportError(
             "the demo and the benchmark draw figures with matplotlib: pip install 'peft-fishertune[demo]'"
         ) from error
+
+
+def _begin(out, budget: Budget | None) -> tuple[Path, Budget, float]:
+    """What the demo and the benchmark do first: check for matplotlib, make the folder, start the clock."""
+    _require_matplotlib()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out, budget or Budget(), time.perf_counter()
 
 
 def _figure(**kwargs):
@@ -73,11 +81,7 @@ def run_demo(
     backbone_path: str | None = None,
 ) -> dict:
     """The demo; returns the per-domain results, the selected fractions and the paths written."""
-    _require_matplotlib()
-    budget = budget or Budget()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    out, budget, start = _begin(out, budget)
     print(
         f"data: {budget.train_images} source scenes for training, {budget.eval_images} held-out scenes in each "
         f"of {len(DOMAINS)} domains ({', '.join(DOMAINS)}); backbone: {backbone_path or 'the shipped one'}"
@@ -86,7 +90,7 @@ def run_demo(
     print(f"stage 1: warm-up, {budget.warmup_steps} steps, backbone frozen, decoder trained")
     warm = embedded.warmup(seed, budget, data, backbone_path, progress)
     print(
-        f"stage 2: DR-FIM ({'closed form'}), {budget.calibration_steps} batches clean and shifted; "
+        f"stage 2: DR-FIM (closed form), {budget.calibration_steps} batches clean and shifted; "
         f"stage 3: {budget.tuning_steps} steps, density {budget.density_min:.0%} -> {budget.density_max:.0%}"
     )
     result = embedded.run_method("fishertune", seed, budget, warm, data, progress)
@@ -103,9 +107,10 @@ def run_demo(
         f"\nadapter: {result['trainable_backbone']:,} backbone weights of {model.base_model.num_candidates():,} "
         f"candidates, saved to {adapter} ({size / 1e6:.2f} MB with the decoder)"
     )
+    active_fraction = result["trainable_backbone"] / model.base_model.num_candidates()
     paths = {
         "predictions": plot_predictions(model, data[1], out / "predictions.png"),
-        "selection": plot_selection(result["selected_fraction"], out / "selection.png"),
+        "selection": plot_selection(result["selected_fraction"], out / "selection.png", active_fraction),
     }
     benchmark = out / "benchmark.json"
     if benchmark.is_file():
@@ -115,7 +120,13 @@ def run_demo(
     for path in paths.values():
         print(f"wrote {path}")
     print(f"demo took {time.perf_counter() - start:.0f} s")
-    return {"results": rows, "selected_fraction": result["selected_fraction"], "paths": paths, "model": model}
+    return {
+        "results": rows,
+        "selected_fraction": result["selected_fraction"],
+        "active_fraction": active_fraction,
+        "paths": paths,
+        "model": model,
+    }
 
 
 def run_benchmark(
@@ -126,11 +137,7 @@ def run_benchmark(
     progress: bool = True,
     backbone_path: str | None = None,
 ) -> dict:
-    _require_matplotlib()
-    budget = budget or Budget()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
+    out, budget, start = _begin(out, budget)
     results = []
     for seed in seeds:
         data = embedded.make_data(seed, budget)
@@ -149,7 +156,7 @@ def run_benchmark(
     summary = embedded.summarise(results)
     seconds = time.perf_counter() - start
     record = {
-        "budget": embedded.budget_dict(budget),
+        "budget": asdict(budget),
         "seeds": list(seeds),
         "summary": summary,
         "runs": results,
@@ -199,7 +206,9 @@ def plot_predictions(model, evaluation: dict, path, scenes: int = 2) -> Path:
     return Path(path)
 
 
-def plot_selection(fraction: np.ndarray, path) -> Path:
+def plot_selection(fraction: np.ndarray, path, overall: float | None = None) -> Path:
+    """Heat map of the active fraction of each block's q, k, v, o, fc1, fc2 matrix; ``overall`` (the active
+    fraction of all candidates) goes into the title when given."""
     fraction = np.asarray(fraction)
     fig = _figure(figsize=(5, 0.5 * len(fraction) + 1.2))
     ax = fig.subplots()
@@ -216,16 +225,12 @@ def plot_selection(fraction: np.ndarray, path) -> Path:
             fontsize=7,
             color="white" if value < fraction.max() / 2 else "black",
         )
-    ax.set_title(f"selected fraction per weight matrix (all: {_overall(fraction):.0%} of candidates)", fontsize=9)
+    total = "" if overall is None else f" (all: {overall:.0%} of candidates)"
+    ax.set_title(f"selected fraction per weight matrix{total}", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
-
-
-def _overall(fraction: np.ndarray) -> float:
-    sizes = np.array([1, 1, 1, 1, 4, 4], dtype=float)  # fc1 and fc2 hold 4x the entries of an attention matrix
-    return float((fraction * sizes).sum() / (sizes.sum() * len(fraction)))
 
 
 def plot_methods(record: dict, path) -> Path:

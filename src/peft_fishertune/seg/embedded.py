@@ -36,13 +36,13 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .foundation import TokenSegmenter, _progress, load_foundation
+from .foundation import TokenSegmenter, load_foundation, progress_bar
 from .metric import IoUAccumulator
 from .synthetic import CLASSES, DOMAINS, synthetic_dataset
 
@@ -131,7 +131,10 @@ class _Batches:
 
 @torch.no_grad()
 def evaluate(model, evaluation: dict, batch_size: int = 64) -> dict[str, float]:
-    """mIoU per domain, plus ``unseen`` (the mean over the unseen domains)."""
+    """mIoU per domain, plus ``unseen`` (the mean over the unseen domains).
+
+    Whole 64x64 images in batches: ``evaluation.evaluate_domains`` implements the real protocol (keep-ratio
+    resize, 512 windows) one image at a time, which would make the curve points here many times slower."""
     was_training = model.training
     model.eval()
     result = {}
@@ -160,7 +163,7 @@ def warmup(seed: int, budget: Budget, data=None, backbone_path: str | None = Non
     model.backbone.requires_grad_(False)
     optimizer = torch.optim.AdamW(model.decode_head.parameters(), lr=budget.head_lr, weight_decay=0.0)
     batches = _Batches(train, budget.batch_size, seed)
-    bar = _progress(budget.warmup_steps, f"warm-up (seed {seed})", progress)
+    bar = progress_bar(budget.warmup_steps, f"warm-up (seed {seed})", progress)
     model.train()
     for _ in range(budget.warmup_steps):
         loss = model(**next(batches)).loss
@@ -254,7 +257,7 @@ def run_method(
     shift = _StageShift(trainable, budget, seed) if budget.augment else None
     batches = _Batches(train, budget.batch_size, seed + 4)
     curve = [{"step": 0, **warm[1]}]
-    bar = _progress(budget.tuning_steps, f"{method} (seed {seed})", progress)
+    bar = progress_bar(budget.tuning_steps, f"{method} (seed {seed})", progress)
     trainable.train()
     for step in range(budget.tuning_steps):
         if shift is not None:
@@ -413,7 +416,3 @@ def markdown_table(summary: dict) -> str:
             + f" | {matched} | {row['seconds']:.0f} |"
         )
     return "\n".join(lines)
-
-
-def budget_dict(budget: Budget) -> dict:
-    return asdict(budget)

@@ -66,9 +66,6 @@ class SegmenterOutput:
     loss: torch.Tensor | None
     logits: torch.Tensor  # (B, num_labels, H, W)
 
-    def __getitem__(self, key):
-        return getattr(self, key)
-
 
 class TokenSegmenter(nn.Module):
     """A ViT backbone and a light per-token decoder; ``forward(pixel_values, labels=None)`` like transformers'
@@ -145,7 +142,7 @@ def pretrain(
     )
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    bar = _progress(steps, "pre-training", progress)
+    bar = progress_bar(steps, "pre-training", progress)
     model.train()
     for _ in range(steps):
         pick = torch.randint(0, pool, (batch_size,), generator=generator)
@@ -177,7 +174,7 @@ def pretrain(
     }
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
