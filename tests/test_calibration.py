@@ -245,8 +245,9 @@ def test_scores_save_load_and_summary(tmp_path):
         torch.equal(loaded.drf[n], scores.drf[n]) and torch.equal(loaded.domain[n], scores.domain[n]) for n in scores
     )
     summary = loaded.summary(density=0.1)
-    selected = sum(s["selected_fraction"] * loaded.drf[n].numel() for n, s in summary.items())
-    assert round(selected) == round(0.1 * sum(t.numel() for t in loaded.drf.values()))
+    for kind in ("fisher", "domain", "drf"):
+        selected = sum(s[f"{kind}_selected"] * loaded.drf[n].numel() for n, s in summary["modules"].items())
+        assert round(selected) == round(0.1 * sum(t.numel() for t in loaded.drf.values()))
     (tmp_path / "junk.safetensors").write_bytes(b"not a file")
     with pytest.raises(ValueError, match="junk.safetensors"):
         Scores.load(tmp_path / "junk.safetensors")
@@ -267,3 +268,80 @@ def test_fp16_loss_scale_is_undone_exactly():
         progress=False,
     )
     torch.testing.assert_close(scores.fisher["lin"].double(), analytic_fisher(weight, data), rtol=1e-4, atol=0)
+
+
+def _pixel_loss(reduction, factor=1.0):
+    """Cross-entropy over every pixel of the batch (all labelled), mean or sum, times ``factor``."""
+
+    def loss_fn(model, batch):
+        logits = model(pixel_values=batch["pixel_values"]).logits  # (B, C, H, W)
+        return factor * nn.functional.cross_entropy(logits, batch["labels"], reduction=reduction)
+
+    return loss_fn
+
+
+def _selected_indices(model, scores):
+    """Each layer's selected set (at density_max) and its active set, as sorted positions."""
+    model.base_model.select(scores)
+    sets = []
+    for layer in model.base_model._layers().values():
+        indices, active = layer.fishertune_indices["default"], layer.active_count("default")
+        sets += [indices.sort().values, indices[:active].sort().values]
+    return sets
+
+
+@pytest.mark.parametrize("loss_fn", [_pixel_loss("mean", 3.0), _pixel_loss("mean", 1e4), _pixel_loss("sum")])
+def test_default_selection_ignores_the_loss_scale(loss_fn):
+    """With the default Fisher scale the selection is the same when the loss is multiplied by a constant, and
+    for a summed loss instead of a mean one (every batch has the same number of pixels, all labelled).
+
+    The sets are compared, not the order inside them: gradients of a scaled loss differ from the scaled
+    gradients in the last float32 digits, which may swap neighbours of nearly equal score."""
+    model, data = seg_setup()
+    reference = _selected_indices(model, calibrate(model, data, steps=3, loss_fn=_pixel_loss("mean"), progress=False))
+    scaled = calibrate(model, data, steps=3, loss_fn=loss_fn, progress=False)
+    assert scaled.meta["fisher_scale"] == "median"
+    assert all(torch.equal(a, b) for a, b in zip(reference, _selected_indices(model, scaled)))
+
+
+def test_literal_scale_changes_the_selection_with_the_loss_reduction():
+    """fisher_scale='loss' reads Eq. 15 in the loss's units: a summed loss moves F past the fixed floor
+    gamma * tau^-2, and the selection changes (what the default scale prevents)."""
+    model, data = seg_setup(fisher_scale="loss")
+    mean = calibrate(model, data, steps=3, loss_fn=_pixel_loss("mean"), progress=False)
+    summed = calibrate(model, data, steps=3, loss_fn=_pixel_loss("sum"), progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(_selected_indices(model, mean), _selected_indices(model, summed)))
+
+
+def test_rescored_equals_a_calibration_with_those_settings():
+    """One calibration serves any gamma, tau, lambda, eps and Fisher scale: rescoring equals calibrating anew."""
+    model, data = seg_setup()
+    scores = calibrate(model, data, steps=2, progress=False)
+    settings = {"gamma": 0.02, "tau": 0.005, "lam": 0.9, "eps": 1e-6, "fisher_scale": "loss"}
+    other, _ = seg_setup(**settings)
+    direct = calibrate(other, data, steps=2, progress=False)
+    rescored = scores.rescored(**settings)
+    for kind in ("domain", "drf"):
+        assert all(torch.equal(getattr(direct, kind)[n], getattr(rescored, kind)[n]) for n in scores)
+    assert {k: rescored.meta[k] for k in settings} == settings
+    with pytest.raises(ValueError, match="alpha"):
+        scores.rescored(alpha=1.0)
+
+
+def test_summary_tells_whether_the_domain_term_did_anything():
+    """Hand-made scores: a domain term that copies F gives Spearman 1 and full overlap; one that reverses
+    F's order gives Spearman -1 and, at lambda = 1, no overlap."""
+    fisher = {"a": torch.arange(1.0, 11.0), "b": torch.arange(11.0, 21.0)}
+    shifted = {n: 2 * f for n, f in fisher.items()}  # F' = 2F: every weight's Fisher doubles
+    copy = Scores.from_fisher(fisher, shifted, 1.0, gamma=0.01, tau=1e3, lam=1.0, eps=1e-12, fisher_scale="loss")
+    summary = copy.summary(density=0.25)
+    # floor 1e-8: D = |F - 2F| / F = 1 everywhere, ties broken by position, so D ranks like F
+    assert summary["spearman_fisher_domain"] == pytest.approx(1.0)
+    assert summary["above_floor"] == 1.0 and summary["median_shift_ratio"] == pytest.approx(2.0)
+    assert summary["modules"]["b"]["fisher_selected"] == 0.5 and summary["modules"]["a"]["fisher_selected"] == 0.0
+    reverse = {n: f + 1.0 / f for n, f in fisher.items()}  # |F - F'| / F = 1 / F^2: largest for the smallest F
+    against = Scores.from_fisher(fisher, reverse, 1.0, gamma=0.01, tau=1e3, lam=1.0, eps=1e-12, fisher_scale="loss")
+    summary = against.summary(density=0.25)
+    assert summary["spearman_fisher_domain"] == pytest.approx(-1.0)
+    assert summary["overlap_fisher_drf"] == 0.0 and summary["overlap_fisher_domain"] == 0.0
+    assert "Spearman" in against.describe(0.25)

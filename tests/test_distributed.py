@@ -30,9 +30,17 @@ def test_two_processes_equal_one_process(tmp_path):
     assert (single.meta["processes"], double.meta["processes"]) == (1, 2)
     assert single.meta["used"] == double.meta["used"] == 8
     assert single.meta["w"] == pytest.approx(double.meta["w"], rel=1e-12)
-    for kind in ("fisher", "fisher_shifted", "domain", "drf"):
+    for kind in ("fisher", "fisher_shifted"):
         for name in single:
             torch.testing.assert_close(getattr(double, kind)[name], getattr(single, kind)[name], rtol=1e-5, atol=1e-12)
+    # The domain term takes |F - F'| of nearly equal numbers, which leaves fewer exact digits per weight: it is
+    # compared against its global scale instead.
+    for kind in ("domain", "drf"):
+        scale = torch.cat([t.reshape(-1) for t in getattr(single, kind).values()]).abs().mean()
+        for name in single:
+            torch.testing.assert_close(
+                getattr(double, kind)[name], getattr(single, kind)[name], rtol=0, atol=1e-4 * scale
+            )
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not on PATH")

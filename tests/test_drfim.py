@@ -15,9 +15,11 @@ from peft_fishertune.drfim import (
     drf_eq14,
     drf_eq15,
     fisher_from_precision,
+    fisher_unit,
     perturbation_weight,
     precision_from_fisher,
 )
+from peft_fishertune.selection import kth_largest
 
 D = torch.float64
 
@@ -140,3 +142,29 @@ def test_shift_edge_cases():
         DomainShift().shift(torch.randn(2, 3), DomainShift().draw(0))
     with pytest.raises(ValueError, match="strength"):
         DomainShift(strength=-1)
+
+
+def test_fisher_unit_puts_the_default_floor_at_the_median():
+    """'median': the median of the positive F over all modules, divided by gamma * tau^-2 at the defaults (100);
+    zeros do not count; no positive F gives 1; 'loss' is 1; anything else is refused by name."""
+    fisher = {"a": torch.tensor([0.0, 0.0, 1.0, 5.0]), "b": torch.tensor([[2.0, 3.0], [4.0, 0.0]])}
+    assert fisher_unit(fisher, "median") == pytest.approx(3.0 / 100)  # positive: 1, 2, 3, 4, 5
+    assert fisher_unit({"a": torch.zeros(3)}, "median") == 1.0
+    assert fisher_unit(fisher, "loss") == 1.0
+    with pytest.raises(ValueError, match="'mean'"):
+        fisher_unit(fisher, "mean")
+    scaled = {n: 7.0 * f for n, f in fisher.items()}
+    assert fisher_unit(scaled, "median") == pytest.approx(7.0 * fisher_unit(fisher, "median"))
+
+
+def test_kth_largest_with_and_without_sampling():
+    """The exact k-th largest value, through the sort for small inputs and through the sampled bracket."""
+    torch.manual_seed(0)
+    tensors = [torch.randn(3000), torch.rand(50, 40) * 3]
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    for k in (1, 17, 2500, flat.numel()):
+        expected = float(flat.sort(descending=True).values[k - 1])
+        assert kth_largest(tensors, k) == expected
+        assert kth_largest(tensors, k, sample_size=64) == expected
+    with pytest.raises(ValueError, match="k=0"):
+        kth_largest(tensors, 0)

@@ -208,3 +208,58 @@ def test_threshold_path_equals_exact_path(k):
     assert torch.equal(fast.order, exact.order)
     for name in scores:
         assert torch.equal(fast.indices[name], exact.indices[name]), name
+
+
+def test_per_matrix_allocation_gives_every_matrix_the_same_density():
+    """allocation='per_matrix': each matrix holds density * its size (to within two entries), at density_max and
+    after growth, and inside each matrix the chosen entries are its best-scored ones. The same scores under the
+    global allocation pile the set into the one matrix whose scores are largest."""
+    model, _ = make(allocation="per_matrix")
+    scores = weight_scores(model)
+    loud = next(iter(scores))
+    scores[loud] = scores[loud] + 10.0  # globally, this matrix would take everything
+    model.base_model.select(scores)
+    for density in (0.01, 0.07):
+        model.base_model.set_density(density)
+        for name, layer in model.base_model._layers().items():
+            size = layer.get_base_layer().weight.numel()
+            assert abs(layer.active_count("default") - density * size) <= 2, (name, density)
+    for name, layer in model.base_model._layers().items():
+        size = layer.get_base_layer().weight.numel()
+        chosen = layer.fishertune_indices["default"].long()
+        assert abs(chosen.numel() - 0.15 * size) <= 2
+        assert set(chosen.tolist()) == set(scores[name].reshape(-1).topk(chosen.numel()).indices.tolist())
+    glob, _ = make()
+    glob.base_model.select(scores)
+    piled = glob.base_model._layers()[loud]
+    assert piled.num_entries("default") == piled.get_base_layer().weight.numel()
+
+
+def test_reselect_keeps_the_active_entries_and_reranks_the_rest():
+    """select(keep_active=True): the active entries stay active with their values; the rest of density_max is the
+    best of the new scores among the entries not active; growth then follows the new ranking."""
+    model, _ = make()
+    model.base_model.select(weight_scores(model, seed=0))
+    model.base_model.set_density(0.05)
+    layers = model.base_model._layers()
+    with torch.no_grad():
+        for layer in layers.values():
+            values = layer.fishertune_values["default"]
+            values[: layer.active_count("default")] = torch.randn(layer.active_count("default"))
+    before = {name: layer.active_entries("default") for name, layer in layers.items()}
+    new_scores = weight_scores(model, seed=1)
+    total = model.base_model.num_candidates()
+    counts = model.base_model.select(new_scores, keep_active=True)
+    assert sum(counts.values()) == count_for_density(0.15, total)
+    rest = {}
+    for name, layer in layers.items():
+        indices, values = layer.active_entries("default")
+        assert torch.equal(indices, before[name][0]) and torch.equal(values, before[name][1])
+        rest[name] = new_scores[name].reshape(-1).clone()
+        rest[name][indices] = -1.0  # the kept entries are out of the new ranking
+    expected = global_topk(rest, count_for_density(0.15, total) - sum(i.numel() for i, _ in before.values()))
+    for name, layer in layers.items():
+        tail = layer.fishertune_indices["default"][layer.active_count("default") :].long()
+        assert torch.equal(tail, expected.indices[name])
+    model.base_model.set_density(0.08)
+    assert sum(model.base_model.active_counts().values()) == count_for_density(0.08, total)

@@ -217,3 +217,42 @@ def test_augment_shift_changes_training_forward_in_tuning_only():
     assert loss(True) != tuned_eval  # tuning, training: shifted
     stages.close()
     assert loss(True) == tuned_eval
+
+
+def test_recalibration_every_k_tuning_steps_keeps_what_was_trained():
+    """recalibrate_every=k: DR-FIM runs again after k and 2k tuning steps (not at T1 + T3, not twice at one
+    step); the active entries keep their values and Adam moments; training goes on with the resized state."""
+    from peft_fishertune import FisherTuneStages
+
+    model = make_model(recalibrate_every=2)
+    images, labels = synthetic_batch(4, torch.Generator().manual_seed(3))
+    batch = {"pixel_values": images, "labels": labels}
+    stages = FisherTuneStages(model, [batch], calibration_kwargs={"progress": False})
+    calls = []
+    calibrate_once = stages._calibrate
+    stages._calibrate = lambda: calls.append(stages._step) or calibrate_once()
+    optimizer = create_optimizer(model, lr=1e-3, backbone_lr=1e-2)
+    stages.step(0, optimizer)
+    for step in range(T1 + T3):
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        layers = model.base_model._layers()
+        kept = {n: layer.active_entries("default") for n, layer in layers.items()}
+        moments = {n: optimizer.state[layer.fishertune_values["default"]] for n, layer in layers.items()}
+        sums = {n: float(m["exp_avg_sq"][: layers[n].active_count("default")].sum()) for n, m in moments.items() if m}
+        stages.step(step + 1, optimizer)
+        if step + 1 in (T1 + 2, T1 + 4):
+            for name, layer in layers.items():
+                indices, values = layer.active_entries("default")
+                now = dict(zip(indices.tolist(), values.tolist()))
+                assert all(now[i] == v for i, v in zip(kept[name][0].tolist(), kept[name][1].tolist()))
+                state = optimizer.state[layer.fishertune_values["default"]]
+                if name in sums:
+                    assert state["exp_avg_sq"].shape == layer.fishertune_values["default"].shape
+                    assert float(state["exp_avg_sq"].sum()) == pytest.approx(sums[name], rel=1e-6)
+    assert calls == [T1, T1 + 2, T1 + 4]
+    stages.step(T1 + 4, optimizer)
+    assert calls == [T1, T1 + 2, T1 + 4]
+    stages.close()

@@ -10,8 +10,10 @@ Conventions (our choices; see the README):
   labelled pixels and the batch) or as ``loss_fn(model, batch)`` returns it. One calibration step takes
   one batch per process (``gradient_accumulation_steps`` micro-batches when accumulating: their mean
   gradient is one sample). F = mean over steps of g^2, g the gradient of that loss. Scaling the loss by
-  c scales F by c^2; the ranking score divides each term by its global mean (``drfim.combine``), so
-  what the ranking still depends on is only the fixed gamma * tau^-2 and eps of Eq. 15's denominator.
+  c scales F by c^2. The ranking score divides each term by its global mean (``drfim.combine``), and the
+  domain term reads F in the config's ``fisher_scale`` (by default in units of the median F, so that the
+  fixed gamma * tau^-2 of Eq. 15's denominator sits at the same place in F's distribution whatever the
+  loss reduction, image size or batch size; see ``drfim.fisher_unit``).
 - The model runs in eval mode (no dropout), so scores are a deterministic function of data and seed.
 - ``steps`` counts steps per process; with P processes a step covers P batches, split by Accelerate.
   Per-process sums are reduced once, at the end, so P processes on a split of the data give the
@@ -32,7 +34,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .drfim import combine, domain_term_from_fisher
 from .layer import FisherTuneLayer
 from .perturbation import DomainShift
 from .scores import Scores
@@ -121,20 +122,8 @@ def calibrate(
     if 2 * skipped > used + skipped:
         raise RuntimeError(f"calibration skipped {skipped} of {used + skipped} steps (non-finite loss or gradients)")
     fisher, fisher_shifted = state.fishers(accelerator, used)
-    w = weight_sum / used
-    task = dict(zip(names, fisher))
-    task_shifted = dict(zip(names, fisher_shifted))
-    domain = {
-        n: domain_term_from_fisher(f, fs, w, config.gamma, config.tau, config.eps)
-        for n, f, fs in zip(names, fisher, fisher_shifted)
-    }
     meta = {
         "estimator": estimator,
-        "gamma": config.gamma,
-        "tau": config.tau,
-        "lam": config.lam,
-        "eps": config.eps,
-        "w": w,
         "steps": steps,
         "used": used,
         "skipped": skipped,
@@ -143,8 +132,16 @@ def calibrate(
         "perturb_strength": config.perturb_strength,
         "processes": accelerator.num_processes,
     }
-    return Scores(
-        fisher=task, fisher_shifted=task_shifted, domain=domain, drf=combine(task, domain, config.lam), meta=meta
+    return Scores.from_fisher(
+        dict(zip(names, fisher)),
+        dict(zip(names, fisher_shifted)),
+        weight_sum / used,
+        gamma=config.gamma,
+        tau=config.tau,
+        lam=config.lam,
+        eps=config.eps,
+        fisher_scale=config.fisher_scale,
+        meta=meta,
     )
 
 

@@ -41,7 +41,7 @@ class FisherTuneCallback(TrainerCallback):
         )
         self.stages.calibration_data = _calibration_loader(train_dataloader, args, self.stages.config.seed)
         if state.global_step > 0 and self.stages.selected:
-            self.stages.load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+            self.stages.load(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), state.global_step)
         self.stages.step(state.global_step, optimizer)
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):

@@ -9,12 +9,14 @@ from typing import Literal
 from peft.config import PeftConfig
 
 from ._peft_registry import FISHERTUNE
+from .drfim import FISHER_SCALES
 
 SCHEDULES = ("exponential", "linear", "cosine")
 ESTIMATORS = ("closed_form", "variational")
 INIT_SELECTIONS = ("none", "random", "magnitude")
 VALUE_DTYPES = ("float32", "bfloat16", "float16")
 INDEX_ENCODINGS = ("auto", "int32")
+ALLOCATIONS = ("global", "per_matrix")
 
 
 @dataclass
@@ -82,6 +84,32 @@ class FisherTuneConfig(PeftConfig):
     eps: float = field(
         default=1e-8,
         metadata={"help": "Added to min(F(x), F(x')) in the domain-sensitivity ratio (Eq. 14); > 0."},
+    )
+    fisher_scale: Literal["median", "loss"] = field(
+        default="median",
+        metadata={
+            "help": "Units in which Eq. 15's domain term reads F(x) and F(x'). 'median' (ours): F divided by "
+            "median(F) / 100, so that at gamma = tau = 0.01 the prior floor gamma * tau^-2 equals the median "
+            "Fisher of the candidates, whatever the loss reduction, image or batch size. 'loss': F as the loss "
+            "returns it (the literal reading; with a mean loss the floor then swamps F and the domain term "
+            "follows F)."
+        },
+    )
+    allocation: Literal["global", "per_matrix"] = field(
+        default="global",
+        metadata={
+            "help": "How the density is spread over the candidate matrices. 'global' (the paper's): one top-k "
+            "over all candidate weights. 'per_matrix' (ours): every matrix gets the same density and the scores "
+            "choose the entries within it."
+        },
+    )
+    recalibrate_every: int = field(
+        default=0,
+        metadata={
+            "help": "Re-run the DR-FIM calibration every this many tuning steps (the paper's alternating "
+            "execution, Alter-2K/4K/6K); 0 (the paper's default, sequential execution) never does. A "
+            "re-calibration keeps the active entries and their values and re-ranks the rest."
+        },
     )
     estimator: Literal["closed_form", "variational"] = field(
         default="closed_form",
@@ -161,6 +189,9 @@ class FisherTuneConfig(PeftConfig):
         _check_choice("init_selection", self.init_selection, INIT_SELECTIONS)
         _check_choice("save_value_dtype", self.save_value_dtype, VALUE_DTYPES)
         _check_choice("index_encoding", self.index_encoding, INDEX_ENCODINGS)
+        _check_choice("fisher_scale", self.fisher_scale, FISHER_SCALES)
+        _check_choice("allocation", self.allocation, ALLOCATIONS)
+        _check_int("recalibrate_every", self.recalibrate_every, minimum=0)
         for name in ("gamma", "tau", "eps"):
             _check_range(name, getattr(self, name), 0.0, math.inf, low_open=True)
         _check_range("lam", self.lam, 0.0, 1.0)

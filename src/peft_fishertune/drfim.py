@@ -7,7 +7,14 @@ deviation of the prior p = N(theta_pt, tau^2 I). x are clean batches, x' domain-
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
+
+# gamma * tau^-2 at the paper's defaults (gamma = tau = 0.01): the prior floor that the "median" scale puts at
+# the median Fisher information of the candidates.
+REFERENCE_FLOOR = 0.01 * 0.01**-2
+FISHER_SCALES = ("median", "loss")
 
 
 def precision_from_fisher(fisher: torch.Tensor, gamma: float, tau: float) -> torch.Tensor:
@@ -57,6 +64,33 @@ def drf_eq14(fisher_x: torch.Tensor, fisher_shifted: torch.Tensor, w: float, eps
     """DRF = F(x) + w * |F(x) - F(x')| / (min(F(x), F(x')) + eps) (Eq. 14)."""
     ratio = (fisher_x - fisher_shifted).abs() / (torch.minimum(fisher_x, fisher_shifted) + eps)
     return fisher_x + w * ratio
+
+
+def fisher_unit(fisher: Mapping[str, torch.Tensor], scale: str) -> float:
+    """The unit in which Eq. 15 reads F(x) and F(x'): F is divided by it before the domain term is formed.
+
+    - ``"loss"``: 1, F as the loss returns it (the literal reading). F then scales with the square of the
+      loss, so where the fixed floor gamma * tau^-2 falls among the F values depends on the loss reduction,
+      the image size and the batch size (with a mean loss, F ~ 1e-8 sits far below the floor of 100).
+    - ``"median"``: median(F(x)) / REFERENCE_FLOOR, the median over the candidate weights that have any Fisher
+      information (F > 0). At the paper's gamma = tau = 0.01 the floor gamma * tau^-2 then equals the median
+      F: half of the weights have more Fisher information than the prior, half less. gamma and tau move the
+      floor along the distribution (twice gamma: twice the median; twice tau: a quarter of it). Multiplying
+      the loss by c multiplies F and the unit by c^2, so the domain term no longer depends on the loss scale.
+    """
+    if scale == "loss":
+        return 1.0
+    if scale != "median":
+        raise ValueError(f"fisher_scale must be one of {FISHER_SCALES}, got {scale!r}")
+    from .selection import kth_largest
+
+    tensors = [t.detach().reshape(-1).float() for t in fisher.values()]
+    positive = sum(int((t > 0).sum()) for t in tensors)
+    if positive == 0:
+        return 1.0
+    # F >= 0, so the ceil(P/2)-th largest of all entries is the median of the P positive ones.
+    median = kth_largest(tensors, (positive + 1) // 2)
+    return median / REFERENCE_FLOOR
 
 
 def perturbation_weight(eps_mu: float, eps_sigma: float) -> float:

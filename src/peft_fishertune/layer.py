@@ -106,7 +106,7 @@ class FisherTuneLayer(BaseTunerLayer):
         value_dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         values = values.to(weight.device, value_dtype)
         if adapter_name in self.fishertune_values:
-            self.fishertune_values[adapter_name].data = values.to(self.fishertune_values[adapter_name].dtype)
+            _resize_parameter(self.fishertune_values[adapter_name], values)
         else:
             self.fishertune_values[adapter_name] = nn.Parameter(values)
         self.fishertune_indices[adapter_name] = indices
@@ -179,6 +179,12 @@ class FisherTuneLayer(BaseTunerLayer):
                 if torch.is_tensor(value) and value.shape == param.shape:
                     value[:k] = value[:k][order.to(value.device)]
         self._mark_synced(adapter_name)
+
+    def active_entries(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the active prefix in ascending position order: (int64 positions, values)."""
+        indices, values = self._active_delta(adapter_name)
+        order = torch.argsort(indices.long())
+        return indices.long()[order].clone(), values.detach()[order].clone()
 
     def _active_delta(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(int32 positions, values) of the active prefix: views, no copies (index_add takes int32 indices)."""
@@ -317,6 +323,22 @@ class Conv1DLayer(_FisherTuneModule):
 
 
 LAYER_CLASSES: dict[type, type] = {nn.Linear: Linear, nn.Conv2d: Conv2d, Conv1D: Conv1DLayer}
+
+
+def _resize_parameter(param: nn.Parameter, values: torch.Tensor) -> None:
+    """Give ``param`` the data ``values`` (any length), keeping the Parameter object.
+
+    Autograd keeps a leaf's gradient accumulator, with the leaf's shape, for as long as any graph that used the
+    leaf is alive (a training loop's previous ``loss`` holds one), and a later backward would then check the
+    new gradient against the old shape. Assigning ``.data`` drops that accumulator only when the dtype
+    changes, so a change of length passes through another dtype first. A gradient of the old length goes too.
+    """
+    values = values.to(param.dtype)
+    if param.numel() != values.numel():
+        other = torch.float64 if param.dtype != torch.float64 else torch.float32
+        param.data = torch.empty(0, dtype=other, device=param.device)
+        param.grad = None
+    param.data = values
 
 
 def _in_out_features(base: nn.Module) -> tuple[int, int]:

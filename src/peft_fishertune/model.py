@@ -134,8 +134,9 @@ class FisherTuneModel(BaseTuner):
         scores: Mapping[str, torch.Tensor],
         adapter_name: str | None = None,
         active_density: float | None = None,
+        keep_active: bool = False,
     ) -> dict[str, int]:
-        """Allocate every layer's entries from one global top-k of ``scores``.
+        """Allocate every layer's entries from one ranking of ``scores``.
 
         Args:
             scores: module name -> score tensor shaped like that module's weight, for every adapted module
@@ -144,10 +145,17 @@ class FisherTuneModel(BaseTuner):
             adapter_name: the adapter to allocate; the active one by default.
             active_density: the fraction of all candidates that is active (trainable) right away;
                 ``density_min`` by default. The selection itself always covers ``density_max``.
+            keep_active: re-rank only what is not active yet (a re-calibration during tuning): the active
+                entries stay active, with their values and optimizer-visible order, ahead of the new ranking.
+
+        With ``allocation="global"`` (the paper's) the ranking is one top-k over all candidates. With
+        ``allocation="per_matrix"`` each score is first replaced by its quantile within its own matrix, so
+        that the global ranking hands every matrix the same density (to within two entries) and the scores
+        only choose the entries inside it.
 
         Returns the per-module counts at ``density_max``, which are also written to the config's
-        ``selection_counts``. New value parameters replace the old ones, zero (or random when
-        ``init_weights=False``), so an optimizer must be given the new parameters.
+        ``selection_counts``. The values Parameters keep their identity and are resized; new entries start
+        at zero (random when ``init_weights=False``), so an optimizer's state for them must be cleared.
         """
         adapter_name = self._resolve_adapter(adapter_name)
         config = self.peft_config[adapter_name]
@@ -156,17 +164,27 @@ class FisherTuneModel(BaseTuner):
         if merged:
             raise ValueError(f"Adapter {adapter_name!r} is merged in {merged[:3]}; unmerge it before select()")
         scores = _align_scores(scores, layers)
+        if config.allocation == "per_matrix":
+            scores = {name: _quantiles(score) for name, score in scores.items()}
+        kept = {name: layer.active_entries(adapter_name) for name, layer in layers.items()} if keep_active else {}
+        if keep_active:
+            scores = _ranked_first(scores, {name: indices for name, (indices, _) in kept.items()})
         total = sum(s.numel() for s in scores.values())
         selection = global_topk(scores, count_for_density(config.density_max, total))
         # Growth needs only each layer's descending scores; the layers hold the indices.
         self._selections[adapter_name] = Selection(selection.names, {}, selection.scores)
-        density = config.density_min if active_density is None else active_density
-        active = selection.counts_at(count_for_density(density, total))
+        if keep_active:
+            active = {name: indices.numel() for name, (indices, _) in kept.items()}
+        else:
+            density = config.density_min if active_density is None else active_density
+            active = selection.counts_at(count_for_density(density, total))
         for name, layer in layers.items():
             ranked = selection.indices[name]
             # The active prefix is a set: ascending order costs nothing now and lets the file use a set code.
             indices = torch.cat([ranked[: active[name]].sort().values, ranked[active[name] :]])
             layer.set_selection(adapter_name, indices, active[name], init_weights=config.init_weights)
+            if keep_active:
+                layer.fishertune_values[adapter_name].data[: active[name]] = kept[name][1]
         config.selection_counts = {name: int(selection.indices[name].numel()) for name in layers}
         return dict(config.selection_counts)
 
@@ -258,6 +276,28 @@ def _drop_half_loaded_adapter(model, adapter_name: str) -> None:
         if adapter_name in model.active_adapters:
             return
         model.delete_adapter(adapter_name)
+
+
+def _quantiles(score: torch.Tensor) -> torch.Tensor:
+    """Each entry's rank within its tensor as a fraction in (0, 1], higher for higher scores (ties by position)."""
+    flat = score.detach().reshape(-1).float().cpu()
+    if not torch.isfinite(flat).all():
+        raise ValueError("scores contain non-finite values")
+    ranks = torch.empty(flat.numel(), dtype=torch.float64)
+    ranks[torch.sort(flat, stable=True).indices] = torch.arange(1, flat.numel() + 1, dtype=torch.float64)
+    return (ranks / flat.numel()).float().reshape(score.shape)
+
+
+def _ranked_first(scores: dict[str, torch.Tensor], first: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scores in which the entries at ``first[name]`` (flat positions) rank above every other entry."""
+    top = max(float(s.max()) for s in scores.values() if s.numel())
+    lifted = top + abs(top) + 1.0
+    result = {}
+    for name, score in scores.items():
+        flat = score.detach().reshape(-1).float().cpu().clone()
+        flat[first[name].cpu().long()] = lifted
+        result[name] = flat.reshape(score.shape)
+    return result
 
 
 def _align_scores(scores: Mapping[str, torch.Tensor], layers: Mapping[str, FisherTuneLayer]) -> dict:

@@ -154,6 +154,18 @@ def _exact_topk(names, flat, k) -> Selection:
     return Selection(names=names, indices=indices, scores={n: f[indices[n]] for n, f in zip(names, flat)})
 
 
+def kth_largest(tensors: list[torch.Tensor], k: int, sample_size: int = 1 << 20) -> float:
+    """The exact k-th largest value over all ``tensors`` (1 <= k <= their total size), without a global sort
+    above ``4 * sample_size`` values."""
+    flat = [_flat_scores(str(i), t) for i, t in enumerate(tensors)]
+    total = sum(f.numel() for f in flat)
+    if not 1 <= k <= total:
+        raise ValueError(f"k={k} outside [1, {total}]")
+    if total <= 4 * sample_size:
+        return float(torch.cat(flat).kthvalue(total - k + 1).values)
+    return _kth_largest(flat, k, sample_size)[0]
+
+
 def _kth_largest(flat: list[torch.Tensor], k: int, sample_size: int) -> tuple[float, int]:
     """The exact k-th largest value T over all tensors, found through a sampled bracket, and the count above T."""
     total = sum(f.numel() for f in flat)

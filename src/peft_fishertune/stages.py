@@ -11,6 +11,9 @@
   top ``density_min`` fraction is active.
 - Tuning, steps [T1, T1 + T3): before each step the active set follows the density schedule in global
   rank order; newly active entries start at 0 with their optimizer state zeroed.
+- Re-calibration (``recalibrate_every`` = k > 0, the paper's alternating execution): after every k tuning
+  steps the DR-FIM pass runs again at the current weights; the active entries stay, with their values and
+  optimizer moments, and the new scores rank what is not active yet.
 
 Optimizer mechanism: values Parameters keep their identity when a selection resizes them (see
 ``FisherTuneLayer.set_selection``), so any optimizer built over the model's trainable parameters before
@@ -66,6 +69,7 @@ class FisherTuneStages:
         self.calibration_kwargs = calibration_kwargs or {}
         self.scores = None
         self._step = 0
+        self._recalibrated_at = None
         self._augmentation = None
         if self.config.augment_shift:
             self._attach_augmentation()
@@ -137,16 +141,49 @@ class FisherTuneStages:
         self._step = global_step
         if global_step >= self.warmup_steps and not self.selected:
             self.calibrate_and_select(optimizer)
+        elif self._recalibration_due(global_step):
+            self.recalibrate(optimizer)
         if self.selected:
             self.set_density(self.density(global_step), optimizer)
         return self.info(global_step)
 
+    def _recalibration_due(self, global_step: int) -> bool:
+        every, t = self.config.recalibrate_every, global_step - self.warmup_steps
+        due = every > 0 and self.selected and 0 < t < self.config.tuning_steps and t % every == 0
+        return due and self._recalibrated_at != global_step
+
     def calibrate_and_select(self, optimizer=None) -> None:
         """Run the DR-FIM pass on ``calibration_data`` and select; the training RNG stream is left as it was."""
+        self.scores = self._calibrate()
+        self.tuner.select(self.scores, adapter_name=self.adapter_name)
+        if optimizer is not None:
+            for param in self.values():
+                _optimizer_state(optimizer).pop(param, None)
+
+    def recalibrate(self, optimizer=None) -> None:
+        """DR-FIM again at the current weights; the active entries keep their values and optimizer moments, the
+        new scores rank the entries not active yet."""
+        self.tuner.sort_active(self.adapter_name, optimizer)  # select(keep_active=True) keeps position order
+        self.scores = self._calibrate()
+        self.tuner.select(self.scores, adapter_name=self.adapter_name, keep_active=True)
+        self._recalibrated_at = self._step
+        if optimizer is None:
+            return
+        state = _optimizer_state(optimizer)
+        for layer in self._layers().values():
+            param = layer.fishertune_values[self.adapter_name]
+            active = layer.active_count(self.adapter_name)
+            for key, value in state.get(param, {}).items():
+                if torch.is_tensor(value) and value.ndim == 1 and value.numel() != param.numel():
+                    resized = torch.zeros_like(param, dtype=value.dtype)
+                    resized[:active] = value[:active]
+                    state[param][key] = resized
+
+    def _calibrate(self):
         if self.calibration_data is None:
             raise ValueError("FisherTuneStages needs calibration_data to calibrate at the end of the warm-up")
         with torch.random.fork_rng(devices=_cuda_devices()):
-            self.scores = calibrate(
+            return calibrate(
                 self.peft_model,
                 self.calibration_data,
                 self.config.calibration_steps,
@@ -154,10 +191,6 @@ class FisherTuneStages:
                 adapter_name=self.adapter_name,
                 **self.calibration_kwargs,
             )
-        self.tuner.select(self.scores, adapter_name=self.adapter_name)
-        if optimizer is not None:
-            for param in self.values():
-                _optimizer_state(optimizer).pop(param, None)
 
     def set_density(self, density: float, optimizer=None) -> None:
         """Grow the active prefix to ``density``; zero the optimizer moments of newly active entries."""
@@ -188,8 +221,14 @@ class FisherTuneStages:
         tensors = {f"scores/{name}": selection.scores[name].contiguous() for name in selection.names}
         save_file(tensors, os.path.join(directory, GROWTH_FILE), metadata={"names": "\n".join(selection.names)})
 
-    def load(self, directory: str) -> None:
-        """Restore the growth order saved by ``save`` (the adapter itself comes with the checkpoint)."""
+    def load(self, directory: str, global_step: int | None = None) -> None:
+        """Restore the growth order saved by ``save`` (the adapter itself comes with the checkpoint).
+
+        ``global_step``: the checkpoint's step; a re-calibration due at that step is already in the checkpoint.
+        A resumed run re-draws the calibration batches of later re-calibrations, so with ``recalibrate_every``
+        it is not bit-identical to an uninterrupted one.
+        """
+        self._recalibrated_at = global_step
         path = os.path.join(directory, GROWTH_FILE)
         if not os.path.exists(path):
             raise FileNotFoundError(

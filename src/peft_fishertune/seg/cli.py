@@ -223,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, text in (
         ("demo", "FisherTune's three stages on the embedded multi-domain data, with figures"),
         ("benchmark", "every method x seeds on the embedded data: table and plot"),
+        (
+            "study",
+            "the paper's sensitivity studies (lambda, gamma/tau, schedule, density, allocation) on the embedded data",
+        ),
     ):
         d = commands.add_parser(name, help=text)
         d.add_argument("--out", default="fishertune_demo", help="folder for the tables, figures and adapter")
@@ -235,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             d.add_argument("--seed", type=int, default=0)
         else:
             d.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        if name == "benchmark":
             d.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
+        if name == "study":
+            d.add_argument("--sections", nargs="+", default=None, help="a subset of the sections")
     p = commands.add_parser("pretrain", help="pre-train the small backbone shipped with the package")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3000)
@@ -245,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
-    if args.command in ("demo", "benchmark"):
+    if args.command in ("demo", "benchmark", "study"):
         return _embedded(args)
     if args.command == "pretrain":
         from .foundation import pretrain
@@ -294,6 +301,14 @@ def _embedded(args) -> int:
     budget = replace(budget, **{k: v for k, v in overrides.items() if v is not None})
     if args.command == "demo":
         run_demo(args.out, budget, seed=args.seed, progress=not args.no_progress, backbone_path=args.backbone)
+    elif args.command == "study":
+        from .study import SECTIONS, run_study
+
+        sections = args.sections or SECTIONS
+        unknown = [s for s in sections if s not in SECTIONS]
+        if unknown:
+            raise SystemExit(f"unknown section(s) {unknown}; sections: {', '.join(SECTIONS)}")
+        run_study(args.out, budget, args.seeds, sections, not args.no_progress, args.backbone)
     else:
         methods = args.methods or METHODS
         unknown = [m for m in methods if m not in METHODS]

@@ -209,11 +209,15 @@ def run_method(
     backbone_path: str | None = None,
     overrides: dict | None = None,
     label: str | None = None,
+    scores=None,
 ) -> dict:
     """Stages 2-3 of one method from the seed's warm-up; returns its final mIoU per domain, curve and timing.
 
     ``overrides``: FisherTuneConfig fields for the FisherTune-family methods (e.g. ``{"perturb_module": None}``);
-    ``label``: the name the result carries (default: the method)."""
+    ``label``: the name the result carries (default: the method); ``scores``: a calibration of this seed's
+    warmed-up model (``calibrate_warm``) for the FisherTune-family methods, ranked under the run's gamma, tau,
+    lambda, eps and Fisher scale instead of calibrating again (the same selection: stage 2 runs on the same
+    batches either way)."""
     from peft import LoraConfig, get_peft_model
 
     from .model import backbone_target_modules
@@ -243,13 +247,18 @@ def run_method(
         from peft_fishertune.selection import initial_scores
 
         trainable = get_peft_model(model, fishertune_config(method, budget, seed, **(overrides or {})))
-        loader = DataLoader(
-            train, batch_size=budget.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed + 2)
-        )
+        loader = calibration_loader(train, budget, seed + 2)
         stages = FisherTuneStages(trainable, calibration_data=loader, calibration_kwargs={"progress": progress})
         if method == "random":
             weights = {name: layer.get_base_layer().weight for name, layer in trainable.base_model._layers().items()}
             trainable.base_model.select(initial_scores(weights, "random", seed + 3))
+        elif scores is not None:
+            config = trainable.peft_config["default"]
+            stages.scores = scores.rescored(
+                **{k: getattr(config, k) for k in ("gamma", "tau", "lam", "eps")}
+                | {"fisher_scale": config.fisher_scale}
+            )
+            trainable.base_model.select(stages.scores)
     optimizer = _optimizer(trainable, method, budget)
     if stages is not None:
         stages.step(0, optimizer)  # calibration and selection (or the random selection's first density)
@@ -288,8 +297,28 @@ def run_method(
     }
     if stages is not None:
         result["selected_fraction"] = selected_fraction(trainable)
+        result["scores"] = stages.scores
         stages.close()
     return result | {"model": trainable}
+
+
+def calibration_loader(train, budget: Budget, seed: int) -> DataLoader:
+    """The source batches of stage 2 for a seed (shuffled by a generator of its own)."""
+    return DataLoader(train, batch_size=budget.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+
+
+def calibrate_warm(warm, train, budget: Budget, seed: int, calibration_seed: int | None = None, **overrides):
+    """Stage 2 alone on a copy of the seed's warmed-up model: the scores ``run_method`` would compute.
+
+    ``calibration_seed`` (default: the run's) picks other batches and other shift draws, for a second,
+    independent calibration of the same model."""
+    from peft import get_peft_model
+
+    from peft_fishertune import calibrate
+
+    other = seed if calibration_seed is None else calibration_seed
+    model = get_peft_model(copy.deepcopy(warm[0]), fishertune_config("fishertune", budget, other, **overrides))
+    return calibrate(model, calibration_loader(train, budget, other + 2), budget.calibration_steps, progress=False)
 
 
 def _optimizer(model, method: str, budget: Budget):

@@ -1,0 +1,461 @@
+"""``fishertune-seg study``: the paper's sensitivity studies on the embedded benchmark, in one command.
+
+Every row is FisherTune (closed form) with some FisherTuneConfig fields changed, or a reference method, run by
+``embedded.run_method`` on the benchmark's budget from the seed's shared warm-up. The DR-FIM calibration runs
+once per seed: lambda, gamma, tau, eps, the Fisher scale and the allocation only change how F(x), F(x') and w
+are ranked, so every such row reuses those scores (``Scores.rescored``). Rows that change the training itself
+(schedule, re-calibration, density) train from the same scores too; re-calibrations during tuning run anew.
+
+Sections (the paper's figure or table in brackets):
+
+- ``references``: frozen backbone, full fine-tuning, LoRA and random sparse tuning on FisherTune's schedule;
+- ``lambda`` [Table 1]: lambda in 0, 0.1, 0.3, 0.5, 0.7, 0.9, 1;
+- ``scale``: the domain term read in units of the median F (default) or in the loss's units (literal);
+- ``allocation`` (ours): one global top-k (the paper's) or the same density in every matrix, at lambda 0, 0.5, 1;
+- ``gamma_tau`` [Fig. 3]: gamma, tau in 0.005, 0.01, 0.02, and 0.1 for each as the too-large value;
+- ``schedule`` [Table 2]: exponential, linear, cosine, and re-calibration every k tuning steps (Alter-2K/4K/6K
+  of the paper's 28k tuning steps, scaled to ours);
+- ``density`` [Fig. 2]: density_max in 1, 5, 10, 15, 20, 30 %, FisherTune and random sparse.
+
+``references``, ``lambda``, ``scale`` and ``allocation`` run on every seed; the other sections on the first
+seed only (their tables say so). Unseen mIoU is also read at a matched source level: the lowest final source
+mIoU of the random sparse runs, so that every random run reaches it; a row's "vs random" is the paired
+difference to random sparse tuning of the same seed (same warm-up, same data).
+
+Writes ``study.json`` (every run and curve), ``study.md`` (the tables, beside the paper's numbers) and
+``study.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import embedded
+from .embedded import SOURCE, Budget
+
+SECTIONS = ("references", "lambda", "scale", "allocation", "gamma_tau", "schedule", "density")
+ALL_SEEDS = ("references", "lambda", "scale", "allocation")
+LAMBDAS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+GAMMA_TAU = (0.005, 0.01, 0.02)
+TOO_LARGE = 0.1
+DENSITIES = (0.01, 0.05, 0.10, 0.15, 0.20, 0.30)
+ALTERNATE = (2_000, 4_000, 6_000)  # the paper's Alter-2K/4K/6K ...
+PAPER_TUNING_STEPS = 28_000  # ... of its T3
+# The paper's numbers (supplementary material): Table 1 (CS -> ACDC, DINOv2) and Table 2 (DINOv2, CS -> BDD and
+# CS -> ACDC). Fig. 2 and Fig. 3 give no numbers in the text; their findings are quoted in the tables' notes.
+PAPER_LAMBDA = {0.0: 71.4, 0.1: 72.8, 0.3: 74.9, 0.5: 77.5, 0.7: 77.0, 0.9: 76.6, 1.0: 76.1}
+PAPER_SCHEDULE = {
+    "exponential": (67.7, 77.5),
+    "linear": (67.6, 77.3),
+    "cosine": (66.1, 76.2),
+    "alter-2k": (65.2, 76.1),
+    "alter-4k": (65.4, 76.2),
+    "alter-6k": (65.9, 76.8),
+}
+DEFAULTS = {
+    "lam": 0.5,
+    "gamma": 0.01,
+    "tau": 0.01,
+    "fisher_scale": "median",
+    "allocation": "global",
+    "schedule": "exponential",
+    "recalibrate_every": 0,
+}
+# The fields that matter to each method; the rest of a row's config is ignored for it (and for sharing runs).
+FIELDS = {"random": ("density_max", "schedule"), "fishertune": (*DEFAULTS, "density_max")}
+
+
+@dataclass(frozen=True)
+class Row:
+    section: str
+    label: str
+    method: str = "fishertune"
+    config: dict = field(default_factory=dict)
+
+    def key(self, budget: Budget) -> tuple:
+        """What decides the run: rows with equal keys share one run per seed."""
+        if self.method not in FIELDS:
+            return (self.method,)
+        full = {**DEFAULTS, "density_max": budget.density_max, **self.config}
+        return (self.method, *((name, full[name]) for name in FIELDS[self.method]))
+
+    def overrides(self, budget: Budget) -> dict:
+        return dict(self.key(budget)[1:])
+
+
+def study_rows(budget: Budget, sections=SECTIONS) -> list[Row]:
+    rows = []
+    if "references" in sections:
+        rows += [Row("references", m, m) for m in ("frozen", "full", "lora", "random")]
+        rows += [Row("references", "FisherTune (defaults)")]
+    if "lambda" in sections:
+        rows += [Row("lambda", f"λ = {lam:g}", config={"lam": lam}) for lam in LAMBDAS]
+    if "scale" in sections:
+        rows += [
+            Row("scale", "median (default), λ = 0.5"),
+            Row("scale", "loss (literal), λ = 0.5", config={"fisher_scale": "loss"}),
+            Row("scale", "loss (literal), λ = 1", config={"fisher_scale": "loss", "lam": 1.0}),
+        ]
+    if "allocation" in sections:
+        for lam in (0.0, 0.5, 1.0):
+            for allocation in ("global", "per_matrix"):
+                rows.append(
+                    Row("allocation", f"{allocation}, λ = {lam:g}", config={"allocation": allocation, "lam": lam})
+                )
+    if "gamma_tau" in sections:
+        pairs = [(g, t) for g in GAMMA_TAU for t in GAMMA_TAU] + [(TOO_LARGE, 0.01), (0.01, TOO_LARGE)]
+        rows += [Row("gamma_tau", f"γ = {g:g}, τ = {t:g}", config={"gamma": g, "tau": t}) for g, t in pairs]
+    if "schedule" in sections:
+        rows += [Row("schedule", name, config={"schedule": name}) for name in ("exponential", "linear", "cosine")]
+        for steps in ALTERNATE:
+            every = max(1, round(budget.tuning_steps * steps / PAPER_TUNING_STEPS))
+            rows.append(Row("schedule", f"alter-{steps // 1000}k", config={"recalibrate_every": every}))
+    if "density" in sections:
+        for density in DENSITIES:
+            rows.append(Row("density", f"FisherTune, {density:.0%}", config={"density_max": density}))
+            rows.append(Row("density", f"random, {density:.0%}", "random", {"density_max": density}))
+    if not any(row.method == "random" and not row.config for row in rows):
+        rows.append(Row("references", "random", "random"))  # the reference of every comparison
+    return rows
+
+
+def run_study(
+    out: str | os.PathLike = "fishertune_study",
+    budget: Budget | None = None,
+    seeds=(0, 1, 2),
+    sections=SECTIONS,
+    progress: bool = True,
+    backbone_path: str | None = None,
+) -> dict:
+    """Run the study; returns the record written to ``study.json``."""
+    from .demo import _begin
+
+    out, budget, start = _begin(out, budget)
+    unknown = set(sections) - set(SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown study sections {sorted(unknown)}; sections: {SECTIONS}")
+    seeds = list(seeds)
+    rows = study_rows(budget, sections)
+    runs, diagnostics = {}, []
+    for i, seed in enumerate(seeds):
+        data = embedded.make_data(seed, budget)
+        warm = embedded.warmup(seed, budget, data, backbone_path, progress)
+        scores = embedded.calibrate_warm(warm, data[0], budget, seed)
+        second = embedded.calibrate_warm(warm, data[0], budget, seed, calibration_seed=seed + 1000)
+        diagnostics.append(score_diagnostics(scores, second, budget.density_max) | {"seed": seed})
+        keys = dict.fromkeys(row.key(budget) for row in rows if i == 0 or row.section in ALL_SEEDS)
+        for key in keys:
+            method, overrides = key[0], dict(key[1:])
+            run = embedded.run_method(
+                method, seed, budget, warm, data, progress, backbone_path, overrides=overrides, scores=scores
+            )
+            for name in ("model", "scores"):
+                run.pop(name, None)
+            run.pop("selected_fraction", None)
+            runs[(key, seed)] = run
+            final = run["final"]
+            print(
+                f"seed {seed} {_describe(key):58s} source {100 * final[SOURCE]:5.1f}  unseen "
+                f"{100 * final['unseen']:5.1f}  ({run['seconds']:.0f} s)",
+                flush=True,
+            )
+    record = {
+        "budget": asdict(budget),
+        "seeds": seeds,
+        "sections": list(sections),
+        "rows": [asdict(row) | {"key": _describe(row.key(budget))} for row in rows],
+        "runs": [run | {"key": _describe(key)} for (key, _), run in runs.items()],
+        "diagnostics": diagnostics,
+        "torch_threads": torch.get_num_threads(),
+        "reference": _describe(Row("references", "random", "random").key(budget)),
+    }
+    record["summary"] = summarise_study(record)
+    record["seconds"] = time.perf_counter() - start
+    (out / "study.json").write_text(json.dumps(record, indent=1))
+    text = markdown(record)
+    (out / "study.md").write_text(text)
+    path = plot_study(record, out / "study.png")
+    print("\n" + text)
+    print(f"wrote {out / 'study.json'}, {out / 'study.md'} and {path}; took {record['seconds'] / 60:.1f} min")
+    return record
+
+
+def _describe(key: tuple) -> str:
+    return key[0] + "".join(f" {name}={value}" for name, value in key[1:])
+
+
+def score_diagnostics(scores, second, density: float) -> dict:
+    """What the domain term does to the ranking, under both Fisher scales, and how much of it is noise: the
+    agreement of two calibrations of the same model on other batches and other shift draws."""
+    result = {}
+    for scale in ("median", "loss"):
+        summary = scores.rescored(fisher_scale=scale).summary(density)
+        result[scale] = {k: v for k, v in summary.items() if k != "modules"}
+    from peft_fishertune.scores import _spearman
+
+    def flat(s, kind):
+        return torch.cat([t.reshape(-1).double() for t in getattr(s, kind).values()])
+
+    a, b = scores.rescored(fisher_scale="median"), second.rescored(fisher_scale="median")
+    k = max(1, round(density * flat(a, "drf").numel()))
+    agreement = {}
+    for kind in ("fisher", "domain", "drf"):
+        x, y = flat(a, kind), flat(b, kind)
+        top_x, top_y = torch.topk(x, k).indices, torch.topk(y, k).indices
+        agreement[kind] = {
+            "spearman": _spearman(x, y),
+            "top_overlap": float(torch.isin(top_x, top_y).double().mean()),
+        }
+    result["between_calibrations"] = agreement
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ summary
+def summarise_study(record: dict) -> dict:
+    """Per row: mean ± std of final source and unseen mIoU, unseen at the matched source level, and the paired
+    difference to random sparse tuning of the same seed (at the matched level and at the end)."""
+    by_key: dict[str, dict[int, dict]] = {}
+    for run in record["runs"]:
+        by_key.setdefault(run["key"], {})[run["seed"]] = run
+    random_runs = by_key[record["reference"]]
+    level = min(run["final"][SOURCE] for run in random_runs.values())
+    rows = []
+    for row in record["rows"]:
+        runs = by_key.get(row["key"], {})
+        matched = {seed: embedded._unseen_at(run["curve"], level) for seed, run in runs.items()}
+        pairs = [
+            matched[s] - matched_random
+            for s in runs
+            if s in random_runs
+            and matched[s] is not None
+            and (matched_random := embedded._unseen_at(random_runs[s]["curve"], level)) is not None
+        ]
+        rows.append(
+            {
+                "section": row["section"],
+                "label": row["label"],
+                "key": row["key"],
+                "seeds": sorted(runs),
+                "source": embedded._mean_std([r["final"][SOURCE] for r in runs.values()]),
+                "unseen": embedded._mean_std([r["final"]["unseen"] for r in runs.values()]),
+                "palette": embedded._mean_std([r["final"]["palette"] for r in runs.values()]),
+                "matched": embedded._mean_std([v for v in matched.values() if v is not None]),
+                "reached": sum(v is not None for v in matched.values()),
+                "vs_random_matched": embedded._mean_std(pairs),
+                "vs_random_final": embedded._mean_std(
+                    [
+                        r["final"]["unseen"] - random_runs[s]["final"]["unseen"]
+                        for s, r in runs.items()
+                        if s in random_runs
+                    ]
+                ),
+            }
+        )
+    return {"matched_source_level": level, "rows": rows}
+
+
+def _paired(runs: dict, random_runs: dict) -> list:
+    return [(seed, run) for seed, run in runs.items() if seed in random_runs]
+
+
+def _pct(pair, signed=False) -> str:
+    mean, std = pair
+    if mean is None or math.isnan(mean):
+        return "n/a"
+    sign = "+" if signed and mean >= 0 else ""
+    return f"{sign}{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _table(rows: list[dict], extra: dict[str, callable] | None = None) -> list[str]:
+    extra = extra or {}
+    head = ["row", *extra, "seeds", "source", "unseen", "palette", "unseen at matched source", "vs random (matched)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        matched = _pct(row["matched"])
+        if row["reached"] < len(row["seeds"]):
+            matched += f" ({row['reached']}/{len(row['seeds'])} runs)"
+        cells = [
+            row["label"],
+            *(f(row) for f in extra.values()),
+            str(len(row["seeds"])),
+            _pct(row["source"]),
+            _pct(row["unseen"]),
+            _pct(row["palette"]),
+            matched,
+            _pct(row["vs_random_matched"], signed=True),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(record: dict) -> str:
+    summary = record["summary"]
+    level = 100 * summary["matched_source_level"]
+    seeds = record["seeds"]
+    budget = record["budget"]
+    lines = [
+        f"# FisherTune sensitivity study on the embedded benchmark (seeds {seeds})",
+        "",
+        f"mIoU %, mean ± std over the seeds a row ran on. Unseen = the mean of 5 unseen domains. Matched source "
+        f"level: {level:.1f} (the lowest final source mIoU of the random sparse runs). 'vs random': the paired "
+        f"difference to random sparse tuning of the same seed, at the matched source level. Budget: "
+        f"{budget['tuning_steps']} tuning steps, {budget['calibration_steps']} calibration batches, density "
+        f"{budget['density_min']:.0%} -> {budget['density_max']:.0%}.",
+    ]
+    by_section: dict[str, list[dict]] = {}
+    for row in summary["rows"]:
+        by_section.setdefault(row["section"], []).append(row)
+    notes = {
+        "references": ("## References", None),
+        "lambda": (
+            "## λ (supplementary Table 1)",
+            {"paper CS→ACDC (DINOv2)": lambda r: f"{PAPER_LAMBDA.get(_lam(r['label']), '')}"},
+        ),
+        "scale": ("## The Fisher scale of the domain term (ours)", None),
+        "allocation": ("## Allocation: global top-k (paper) or the same density in every matrix (ours)", None),
+        "gamma_tau": (
+            "## γ and τ (supplementary Fig. 3; the paper: 0.005-0.02 acceptable, too-large γ −1.7, too-large τ "
+            "−1.3 mIoU)",
+            {"floor γτ⁻² (x median F)": lambda r: f"{_floor(r['key']):g}"},
+        ),
+        "schedule": (
+            "## Schedules and re-calibration (supplementary Table 2)",
+            {"paper CS→BDD / CS→ACDC": lambda r: "{} / {}".format(*PAPER_SCHEDULE.get(r["label"], ("", "")))},
+        ),
+        "density": (
+            "## δmax (supplementary Fig. 2; the paper: ~3M weights above frozen, ~15M above Rein, ~30M no "
+            "further gain)",
+            None,
+        ),
+    }
+    for section in SECTIONS:
+        if section not in by_section:
+            continue
+        title, extra = notes[section]
+        lines += ["", title, "", *_table(by_section[section], extra)]
+    lines += ["", "## What the domain term does to the ranking (per seed, top δmax)", "", *_diagnostics_table(record)]
+    return "\n".join(lines) + "\n"
+
+
+def _lam(label: str) -> float | None:
+    try:
+        return float(label.split("=")[1])
+    except (IndexError, ValueError):
+        return None
+
+
+def _floor(key: str) -> float:
+    """gamma * tau^-2 over its value at the defaults: where the floor sits, in multiples of the median F."""
+    fields = dict(item.split("=") for item in key.split()[1:])
+    return float(fields["gamma"]) * float(fields["tau"]) ** -2 / (0.01 * 0.01**-2)
+
+
+def _diagnostics_table(record: dict) -> list[str]:
+    head = [
+        "seed",
+        "scale",
+        "Spearman(F, D)",
+        "top by F kept by DR-FIM",
+        "top by F kept by D",
+        "above the floor",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for d in record["diagnostics"]:
+        for scale in ("median", "loss"):
+            s = d[scale]
+            lines.append(
+                f"| {d['seed']} | {scale} | {s['spearman_fisher_domain']:.3f} | {s['overlap_fisher_drf']:.1%} | "
+                f"{s['overlap_fisher_domain']:.1%} | {s['above_floor']:.1%} |"
+            )
+    lines += [
+        "",
+        "Two calibrations of the same warmed-up model on other batches and shift draws (median scale):",
+        "",
+        "| seed | Spearman F | Spearman D | Spearman DR-FIM | top kept: F | top kept: D | top kept: DR-FIM |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for d in record["diagnostics"]:
+        a = d["between_calibrations"]
+        lines.append(
+            f"| {d['seed']} | {a['fisher']['spearman']:.3f} | {a['domain']['spearman']:.3f} | "
+            f"{a['drf']['spearman']:.3f} | {a['fisher']['top_overlap']:.1%} | {a['domain']['top_overlap']:.1%} | "
+            f"{a['drf']['top_overlap']:.1%} |"
+        )
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------ figure
+def plot_study(record: dict, path) -> Path:
+    """Four panels: unseen mIoU at the matched source level against lambda, the floor gamma * tau^-2, the
+    schedule and density_max, with random sparse tuning as the reference line or curve."""
+    from .demo import _figure
+
+    rows = record["summary"]["rows"]
+    random_row = next(r for r in rows if r["key"] == record["reference"])
+    fig = _figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2).ravel()
+
+    def reference(ax):
+        mean, std = random_row["matched"]
+        if not math.isnan(mean):
+            ax.axhspan(100 * (mean - std), 100 * (mean + std), color="grey", alpha=0.2)
+            ax.axhline(100 * mean, color="grey", linestyle="--", label="random sparse")
+
+    def errorbars(ax, xs, section_rows, label, **style):
+        pts = [(x, r["matched"]) for x, r in zip(xs, section_rows) if not math.isnan(r["matched"][0])]
+        if pts:
+            ax.errorbar(
+                [p[0] for p in pts],
+                [100 * p[1][0] for p in pts],
+                yerr=[100 * p[1][1] for p in pts],
+                capsize=3,
+                label=label,
+                **style,
+            )
+
+    def section(name):
+        return [r for r in rows if r["section"] == name]
+
+    lam_rows = section("lambda")
+    reference(axes[0])
+    errorbars(axes[0], [_lam(r["label"]) for r in lam_rows], lam_rows, "FisherTune (ours)", fmt="-o")
+    axes[0].set_xlabel("λ")
+    axes[0].set_title("λ (Table 1)", fontsize=10)
+
+    gt = section("gamma_tau")
+    reference(axes[1])
+    order = sorted(range(len(gt)), key=lambda i: _floor(gt[i]["key"]))
+    errorbars(axes[1], [_floor(gt[i]["key"]) for i in order], [gt[i] for i in order], "FisherTune", fmt="o")
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("floor γτ⁻² in multiples of the median F")
+    axes[1].set_title("γ and τ (Fig. 3)", fontsize=10)
+
+    schedule = section("schedule")
+    reference(axes[2])
+    errorbars(axes[2], list(range(len(schedule))), schedule, "FisherTune", fmt="o")
+    axes[2].set_xticks(range(len(schedule)), [r["label"] for r in schedule], fontsize=8)
+    axes[2].set_title("schedules and re-calibration (Table 2)", fontsize=10)
+
+    density = section("density")
+    for method, style in (("FisherTune", "-o"), ("random", "--s")):
+        part = [r for r in density if r["label"].startswith(method)]
+        xs = [float(r["label"].split(", ")[1].rstrip("%")) for r in part]
+        errorbars(axes[3], xs, part, method, fmt=style)
+    axes[3].set_xlabel("δmax (%)")
+    axes[3].set_title("δmax (Fig. 2)", fontsize=10)
+    level = 100 * record["summary"]["matched_source_level"]
+    for ax in axes:
+        ax.set_ylabel(f"unseen mIoU (%) at source = {level:.1f}")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
