@@ -84,6 +84,22 @@ def test_summary_interpolates_unseen_at_the_matched_source_level():
     assert "| frozen |" in table and "n/a (0/1 runs)" in table and "| 80.0 ± 0.0 |" not in table.split("\n")[0]
 
 
+def test_given_scores_give_the_run_that_calibrates_itself():
+    """run_method with the seed's calibration (``calibrate_warm``) trains exactly like the run that calibrates in
+    stage 2 itself; a rescoring for another lambda selects differently."""
+    budget = embedded.Budget.reduced()
+    data = embedded.make_data(0, budget)
+    warm = embedded.warmup(0, budget, data, progress=False)
+    inside = embedded.run_method("fishertune", 0, budget, warm, data, progress=False)
+    scores = embedded.calibrate_warm(warm, data[0], budget, 0)
+    given = embedded.run_method("fishertune", 0, budget, warm, data, progress=False, scores=scores)
+    assert given["curve"] == inside["curve"]
+    assert all(torch.equal(given["scores"].drf[n], inside["scores"].drf[n]) for n in scores)
+    other = embedded.run_method("fishertune", 0, budget, warm, data, False, overrides={"lam": 1.0}, scores=scores)
+    assert other["scores"].meta["lam"] == 1.0
+    assert not np.array_equal(other["selected_fraction"], given["selected_fraction"])
+
+
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="'adapterx'"):
         embedded.run_method("adapterx", 0, embedded.Budget.reduced())
@@ -101,7 +117,8 @@ def test_demo_and_benchmark_end_to_end_on_a_reduced_budget(tmp_path, capsys):
     result = run_demo(out, budget, progress=False)
     printed = capsys.readouterr().out
     assert "| FisherTune |" in printed and "stage 1" in printed and "stage 2" in printed
-    for name in ("miou.md", "predictions.png", "selection.png", "adapter/adapter_config.json"):
+    assert "Spearman(F, domain term)" in printed and "weights above the prior floor" in printed
+    for name in ("miou.md", "predictions.png", "selection.png", "drfim.png", "adapter/adapter_config.json"):
         assert (out / name).is_file(), name
     assert "methods" not in result["paths"]
     fraction = result["selected_fraction"]

@@ -52,6 +52,9 @@ def wrap(model, config: SegRunConfig):
                 gamma=config.gamma,
                 tau=config.tau,
                 lam=config.lam,
+                fisher_scale=config.fisher_scale,
+                allocation=config.allocation,
+                recalibrate_every=config.recalibrate_every,
                 estimator=config.estimator,
                 perturb_module=config.perturb_module,
                 augment_shift=config.augment_shift,
@@ -243,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             d.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
         if name == "study":
             d.add_argument("--sections", nargs="+", default=None, help="a subset of the sections")
+            d.add_argument("--workers", type=int, default=1, help="processes (one torch thread each) for the runs")
     p = commands.add_parser("pretrain", help="pre-train the small backbone shipped with the package")
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=3000)
@@ -308,7 +312,7 @@ def _embedded(args) -> int:
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown:
             raise SystemExit(f"unknown section(s) {unknown}; sections: {', '.join(SECTIONS)}")
-        run_study(args.out, budget, args.seeds, sections, not args.no_progress, args.backbone)
+        run_study(args.out, budget, args.seeds, sections, not args.no_progress, args.backbone, args.workers)
     else:
         methods = args.methods or METHODS
         unknown = [m for m in methods if m not in METHODS]

@@ -1,10 +1,11 @@
 """``fishertune-seg demo`` and ``fishertune-seg benchmark`` on the embedded data and backbone (no downloads).
 
 demo: FisherTune's three stages on the source domain (warm-up of the head, DR-FIM calibration and selection,
-growing sparse tuning), then mIoU on every domain, the adapter saved with ``save_pretrained`` and three
-figures: ``predictions.png`` (each domain beside the ground truth), ``selection.png`` (fraction of each
-block's q, k, v, o, fc1, fc2 weights selected) and ``methods.png`` (source vs unseen mIoU per method, drawn
-from ``benchmark.json`` when ``fishertune-seg benchmark`` has written one in the same folder).
+growing sparse tuning), the DR-FIM diagnostics (``Scores.describe``), then mIoU on every domain, the adapter
+saved with ``save_pretrained`` and four figures: ``predictions.png`` (each domain beside the ground truth),
+``selection.png`` (fraction of each block's q, k, v, o, fc1, fc2 weights selected), ``drfim.png`` (where F,
+the domain term and DR-FIM each put the top weights) and ``methods.png`` (source vs unseen mIoU per method,
+drawn from ``benchmark.json`` when ``fishertune-seg benchmark`` has written one in the same folder).
 
 benchmark: every method of ``embedded.METHODS`` on the same data, warm-up and budget, for several seeds;
 writes ``benchmark.json``, ``benchmark.md`` (the table) and ``benchmark.png``.
@@ -95,6 +96,8 @@ def run_demo(
     )
     result = embedded.run_method("fishertune", seed, budget, warm, data, progress)
     model = result.pop("model")
+    scores = result.pop("scores")
+    print("\n" + scores.describe(budget.density_max))
     rows = {"after warm-up (frozen backbone)": warm[1], "FisherTune": result["final"]}
     table = domain_table(rows)
     print("\nmIoU (%) per domain, seed", seed)
@@ -111,6 +114,9 @@ def run_demo(
     paths = {
         "predictions": plot_predictions(model, data[1], out / "predictions.png"),
         "selection": plot_selection(result["selected_fraction"], out / "selection.png", active_fraction),
+        "drfim": plot_drfim(
+            scores, budget.density_max, model.base_model.model.backbone.config.num_hidden_layers, out / "drfim.png"
+        ),
     }
     benchmark = out / "benchmark.json"
     if benchmark.is_file():
@@ -212,25 +218,53 @@ def plot_selection(fraction: np.ndarray, path, overall: float | None = None) -> 
     fraction = np.asarray(fraction)
     fig = _figure(figsize=(5, 0.5 * len(fraction) + 1.2))
     ax = fig.subplots()
-    image = ax.imshow(fraction, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(GROUPS)), list(GROUPS))
-    ax.set_yticks(range(len(fraction)), [f"block {i}" for i in range(len(fraction))])
-    for (i, j), value in np.ndenumerate(fraction):
-        ax.text(
-            j,
-            i,
-            f"{100 * value:.0f}%",
-            ha="center",
-            va="center",
-            fontsize=7,
-            color="white" if value < fraction.max() / 2 else "black",
-        )
     total = "" if overall is None else f" (all: {overall:.0%} of candidates)"
-    ax.set_title(f"selected fraction per weight matrix{total}", fontsize=9)
+    image = _heatmap(ax, fraction, f"selected fraction per weight matrix{total}")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+def plot_drfim(scores, density: float, blocks: int, path) -> Path:
+    """Where each term puts its weights: the fraction of each matrix in the global top ``density`` by F(x), by the
+    domain term alone and by DR-FIM, side by side, with the diagnostics of ``Scores.summary`` in the title."""
+    summary = scores.summary(density)
+    fig = _figure(figsize=(13, 0.5 * blocks + 1.8))
+    axes = fig.subplots(1, 3)
+    tables = {
+        kind: embedded.block_matrix({n: m[f"{kind}_selected"] for n, m in summary["modules"].items()}, blocks)
+        for kind in ("fisher", "domain", "drf")
+    }
+    top = max(t.max() for t in tables.values())
+    titles = {
+        "fisher": "by F(x) (λ = 0)",
+        "domain": "by the domain term (λ = 1)",
+        "drf": f"by DR-FIM (λ = {scores.meta['lam']:g})",
+    }
+    for ax, (kind, table) in zip(axes, tables.items()):
+        _heatmap(ax, table, f"top {density:.0%} {titles[kind]}", vmax=top)
+    fig.suptitle(
+        f"fisher_scale={summary['fisher_scale']!r}: Spearman(F, D) = {summary['spearman_fisher_domain']:.2f}, "
+        f"top by F kept by DR-FIM {summary['overlap_fisher_drf']:.0%}, weights above the floor "
+        f"{summary['above_floor']:.0%}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    return Path(path)
+
+
+def _heatmap(ax, fraction: np.ndarray, title: str, vmax: float | None = None):
+    vmax = fraction.max() if vmax is None else vmax
+    image = ax.imshow(fraction, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
+    ax.set_xticks(range(len(GROUPS)), list(GROUPS))
+    ax.set_yticks(range(len(fraction)), [f"block {i}" for i in range(len(fraction))])
+    for (i, j), value in np.ndenumerate(fraction):
+        colour = "white" if value < vmax / 2 else "black"
+        ax.text(j, i, f"{100 * value:.0f}%", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_title(title, fontsize=9)
+    return image
 
 
 def plot_methods(record: dict, path) -> Path:

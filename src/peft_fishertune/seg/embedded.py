@@ -370,15 +370,19 @@ GROUPS = {
 
 def selected_fraction(model) -> np.ndarray:
     """(blocks, 6) fraction of each block's q, k, v, o, fc1, fc2 weight entries active now."""
-    counts = model.base_model.active_counts()
     layers = model.base_model._layers()
-    blocks = model.base_model.model.backbone.config.num_hidden_layers
+    counts = model.base_model.active_counts()
+    fractions = {name: count / layers[name].get_base_layer().weight.numel() for name, count in counts.items()}
+    return block_matrix(fractions, model.base_model.model.backbone.config.num_hidden_layers)
+
+
+def block_matrix(values: dict[str, float], blocks: int) -> np.ndarray:
+    """(blocks, 6) table of a number per candidate module, by block and q, k, v, o, fc1, fc2."""
     table = np.zeros((blocks, len(GROUPS)))
-    for name, count in counts.items():
+    for name, value in values.items():
         for j, suffixes in enumerate(GROUPS.values()):
             if name.endswith(suffixes):
-                block = int(name.split("layer.")[1].split(".")[0])
-                table[block, j] = count / layers[name].get_base_layer().weight.numel()
+                table[int(name.split("layer.")[1].split(".")[0]), j] = value
     return table
 
 

@@ -43,6 +43,9 @@ class SegRunConfig:
     gamma: float = 0.01
     tau: float = 0.01
     lam: float = 0.5
+    fisher_scale: str = "median"  # ours: Eq. 15's floor at the median Fisher; "loss" for the literal reading
+    allocation: str = "global"  # the paper's global top-k; "per_matrix": the same density in every matrix
+    recalibrate_every: int = 0  # the paper's sequential execution; k > 0 re-calibrates every k tuning steps
     perturb_module: str | None = "backbone.embeddings.patch_embeddings"
     augment_shift: bool = False
     lora_r: int = 16

@@ -28,10 +28,15 @@ Writes ``study.json`` (every run and curve), ``study.md`` (the tables, beside th
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import math
+import multiprocessing
 import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,6 +83,7 @@ class Row:
     label: str
     method: str = "fishertune"
     config: dict = field(default_factory=dict)
+    first_seed_only: bool = False  # a row of an every-seed section that runs on the first seed alone
 
     def key(self, budget: Budget) -> tuple:
         """What decides the run: rows with equal keys share one run per seed."""
@@ -101,7 +107,7 @@ def study_rows(budget: Budget, sections=SECTIONS) -> list[Row]:
         rows += [
             Row("scale", "median (default), λ = 0.5"),
             Row("scale", "loss (literal), λ = 0.5", config={"fisher_scale": "loss"}),
-            Row("scale", "loss (literal), λ = 1", config={"fisher_scale": "loss", "lam": 1.0}),
+            Row("scale", "loss (literal), λ = 1", config={"fisher_scale": "loss", "lam": 1.0}, first_seed_only=True),
         ]
     if "allocation" in sections:
         for lam in (0.0, 0.5, 1.0):
@@ -133,47 +139,45 @@ def run_study(
     sections=SECTIONS,
     progress: bool = True,
     backbone_path: str | None = None,
+    workers: int = 1,
 ) -> dict:
-    """Run the study; returns the record written to ``study.json``."""
+    """Run the study; returns the record written to ``study.json``.
+
+    ``workers`` > 1 runs the (seed, configuration) runs on that many processes of one thread each (this
+    benchmark's small model trains almost as fast on one thread as on two). Each seed's warm-up and calibration
+    and every finished run are kept under ``out/.study-cache``, so an interrupted study resumes where it stopped
+    (the cache is cleared when the budget or the backbone differ).
+    """
     from .demo import _begin
 
     out, budget, start = _begin(out, budget)
     unknown = set(sections) - set(SECTIONS)
     if unknown:
         raise ValueError(f"unknown study sections {sorted(unknown)}; sections: {SECTIONS}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     seeds = list(seeds)
     rows = study_rows(budget, sections)
-    runs, diagnostics = {}, []
-    for i, seed in enumerate(seeds):
-        data = embedded.make_data(seed, budget)
-        warm = embedded.warmup(seed, budget, data, backbone_path, progress)
-        scores = embedded.calibrate_warm(warm, data[0], budget, seed)
-        second = embedded.calibrate_warm(warm, data[0], budget, seed, calibration_seed=seed + 1000)
-        diagnostics.append(score_diagnostics(scores, second, budget.density_max) | {"seed": seed})
-        keys = dict.fromkeys(row.key(budget) for row in rows if i == 0 or row.section in ALL_SEEDS)
-        for key in keys:
-            method, overrides = key[0], dict(key[1:])
-            run = embedded.run_method(
-                method, seed, budget, warm, data, progress, backbone_path, overrides=overrides, scores=scores
-            )
-            for name in ("model", "scores"):
-                run.pop(name, None)
-            run.pop("selected_fraction", None)
-            runs[(key, seed)] = run
-            final = run["final"]
-            print(
-                f"seed {seed} {_describe(key):58s} source {100 * final[SOURCE]:5.1f}  unseen "
-                f"{100 * final['unseen']:5.1f}  ({run['seconds']:.0f} s)",
-                flush=True,
-            )
+    cache = _cache(out, budget, backbone_path)
+    tasks = [
+        (seed, key)
+        for i, seed in enumerate(seeds)
+        for key in dict.fromkeys(row.key(budget) for row in rows if i == 0 or _every_seed(row, rows, budget))
+    ]
+    print(f"{len(tasks)} runs on {workers} process(es); cache: {cache}", flush=True)
+    with _pool(workers) as pool:
+        diagnostics = list(_map(pool, _prepare_seed, [(cache, seed, budget, backbone_path) for seed in seeds]))
+        arguments = [(cache, seed, key, budget, backbone_path) for seed, key in tasks]
+        runs = dict(zip(tasks, _map(pool, _run_task, arguments, progress=progress)))
     record = {
         "budget": asdict(budget),
         "seeds": seeds,
         "sections": list(sections),
         "rows": [asdict(row) | {"key": _describe(row.key(budget))} for row in rows],
-        "runs": [run | {"key": _describe(key)} for (key, _), run in runs.items()],
+        "runs": [run | {"key": _describe(key)} for (_, key), run in runs.items()],
         "diagnostics": diagnostics,
-        "torch_threads": torch.get_num_threads(),
+        "workers": workers,
+        "torch_threads": 1 if workers > 1 else torch.get_num_threads(),
         "reference": _describe(Row("references", "random", "random").key(budget)),
     }
     record["summary"] = summarise_study(record)
@@ -187,8 +191,117 @@ def run_study(
     return record
 
 
+# ------------------------------------------------------------------------------------------------ running
+def _cache(out: Path, budget: Budget, backbone_path: str | None) -> Path:
+    """``out/.study-cache``, emptied first when it was made for another budget or backbone."""
+    cache = out / ".study-cache"
+    settings = json.dumps({"budget": asdict(budget), "backbone": backbone_path}, sort_keys=True)
+    marker = cache / "settings.json"
+    if cache.exists() and (not marker.is_file() or marker.read_text() != settings):
+        shutil.rmtree(cache)
+    cache.mkdir(parents=True, exist_ok=True)
+    marker.write_text(settings)
+    return cache
+
+
+@contextlib.contextmanager
+def _pool(workers: int):
+    if workers == 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process whose torch threads are running
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        yield pool
+
+
+def _map(pool, function, arguments: list[tuple], progress: bool = False):
+    """``function(*a)`` for each tuple, in order; on the pool's processes when there is a pool."""
+    if pool is None:
+        for a in arguments:
+            yield function(*a, progress=progress)
+        return
+    futures = [pool.submit(function, *a) for a in arguments]
+    for future in futures:
+        yield future.result()
+
+
+def _prepare_seed(cache: Path, seed: int, budget: Budget, backbone_path, progress: bool = False) -> dict:
+    """The seed's warm-up and calibration, stored in the cache; returns the score diagnostics."""
+    folder = cache / f"seed{seed}"
+    done = folder / "diagnostics.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    data = embedded.make_data(seed, budget)
+    warm = embedded.warmup(seed, budget, data, backbone_path, progress)
+    scores = embedded.calibrate_warm(warm, data[0], budget, seed)
+    second = embedded.calibrate_warm(warm, data[0], budget, seed, calibration_seed=seed + 1000)
+    folder.mkdir(exist_ok=True)
+    torch.save({"state_dict": warm[0].state_dict(), "point": warm[1]}, folder / "warm.pt")
+    scores.save(folder / "scores.safetensors")
+    diagnostics = score_diagnostics(scores, second, budget.density_max) | {"seed": seed}
+    done.write_text(json.dumps(diagnostics))
+    print(f"seed {seed}: warm-up and calibration done", flush=True)
+    return diagnostics
+
+
+_SEEDS: dict = {}  # (cache, seed) -> (data, warm, scores), per process
+
+
+def _seed_state(cache: Path, seed: int, budget: Budget, backbone_path):
+    if (cache, seed) not in _SEEDS:
+        from peft_fishertune import Scores
+
+        from .foundation import TokenSegmenter, load_foundation
+        from .synthetic import CLASSES
+
+        folder = cache / f"seed{seed}"
+        stored = torch.load(folder / "warm.pt", weights_only=True)
+        model = TokenSegmenter(load_foundation(backbone_path), len(CLASSES), budget.feature_blocks, budget.head_width)
+        model.load_state_dict(stored["state_dict"])
+        model.backbone.requires_grad_(False)
+        scores = Scores.load(folder / "scores.safetensors")
+        _SEEDS[(cache, seed)] = (embedded.make_data(seed, budget), (model, stored["point"]), scores)
+    return _SEEDS[(cache, seed)]
+
+
+def _run_task(cache: Path, seed: int, key: tuple, budget: Budget, backbone_path, progress: bool = False) -> dict:
+    """One run of the study, from the cache when it finished before."""
+    name = hashlib.sha1(_describe(key).encode()).hexdigest()[:16]
+    path = cache / f"seed{seed}" / "runs" / f"{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    data, warm, scores = _seed_state(cache, seed, budget, backbone_path)
+    method, overrides = key[0], dict(key[1:])
+    run = embedded.run_method(
+        method, seed, budget, warm, data, progress, backbone_path, overrides=overrides, scores=scores
+    )
+    for field_name in ("model", "scores", "selected_fraction"):
+        run.pop(field_name, None)
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(run))
+    final = run["final"]
+    print(
+        f"seed {seed} {_short(key, budget):42s} source {100 * final[SOURCE]:5.1f}  unseen {100 * final['unseen']:5.1f}"
+        f"  ({run['seconds']:.0f} s)",
+        flush=True,
+    )
+    return run
+
+
 def _describe(key: tuple) -> str:
     return key[0] + "".join(f" {name}={value}" for name, value in key[1:])
+
+
+def _every_seed(row: Row, rows: list[Row], budget: Budget) -> bool:
+    """Whether ``row``'s run is needed on every seed: some row with its key runs on every seed."""
+    key = row.key(budget)
+    return any(r.key(budget) == key and r.section in ALL_SEEDS and not r.first_seed_only for r in rows)
+
+
+def _short(key: tuple, budget: Budget) -> str:
+    """The method and the settings of ``key`` that differ from the defaults."""
+    defaults = {**DEFAULTS, "density_max": budget.density_max}
+    return key[0] + "".join(f" {name}={value}" for name, value in key[1:] if defaults.get(name) != value)
 
 
 def score_diagnostics(scores, second, density: float) -> dict:
@@ -269,8 +382,9 @@ def _pct(pair, signed=False) -> str:
     mean, std = pair
     if mean is None or math.isnan(mean):
         return "n/a"
+    mean = round(100 * mean, 1) + 0.0  # no "-0.0"
     sign = "+" if signed and mean >= 0 else ""
-    return f"{sign}{100 * mean:.1f} ± {100 * std:.1f}"
+    return f"{sign}{mean:.1f} ± {100 * std:.1f}"
 
 
 def _table(rows: list[dict], extra: dict[str, callable] | None = None) -> list[str]:
