@@ -119,3 +119,18 @@ def test_other_vfm_families(family, tmp_path):
         ),
     )
     assert sum(isinstance(m, FisherTuneLayer) for m in peft_model.modules()) == 4 * 6
+
+
+def test_decoder_is_initialised_whatever_memory_it_gets():
+    """Mask2Former's pixel decoder allocates its level embedding uninitialised (its model class initialises it).
+    Built after memory full of NaN was freed, the decoder must still be finite and the same for one seed: this
+    was a first-step NaN loss that came and went with what ran before in the process."""
+    built = []
+    for _ in range(2):
+        poison = [torch.full((96,), float("nan")) for _ in range(2000)]
+        del poison
+        built.append(build(seed=0))
+    for model in built:
+        assert all(torch.isfinite(t).all() for t in (*model.parameters(), *model.buffers()))
+    for a, b in zip(built[0].parameters(), built[1].parameters()):
+        assert torch.equal(a, b)

@@ -28,6 +28,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerLoss,
     Mask2FormerPixelDecoder,
+    Mask2FormerPreTrainedModel,
     Mask2FormerTransformerModule,
 )
 
@@ -72,6 +73,7 @@ class DecodeHead(nn.Module):
             "loss_dice": config.dice_weight,
         }
         self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weights)
+        _init_like_mask2former(self, config)
 
     def forward(self, maps: list[torch.Tensor]):
         pixel = self.pixel_decoder(self.pyramid(maps))
@@ -139,6 +141,19 @@ class ViTMask2Former(nn.Module):
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         loss = self.decode_head.loss(classes, masks, labels) if labels is not None else None
         return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+
+def _init_like_mask2former(head: nn.Module, config: Mask2FormerConfig) -> None:
+    """Initialise the decoder's modules as transformers' Mask2Former model does.
+
+    The pixel decoder allocates its level embedding with ``torch.Tensor(...)`` and leaves it to the pre-trained
+    model class's ``_init_weights``. Built outside that class, as here, it would hold whatever the allocator
+    last left in that memory (zeros on fresh pages, NaN or garbage after other work). So every module gets the
+    class's own initialisation.
+    """
+    initializer = Mask2FormerPreTrainedModel(config)
+    for module in head.modules():
+        initializer._init_weights(module)
 
 
 def backbone_target_modules(prefix: str = "backbone") -> str:
