@@ -43,11 +43,30 @@ class Conv1DNet(nn.Module):
         return self.head(torch.tanh(self.c_attn(x)))
 
 
-def tiny_dinov2() -> Dinov2Model:
+def tiny_dinov2(blocks: int = 2) -> Dinov2Model:
     config = Dinov2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=28, patch_size=14
+        hidden_size=32,
+        num_hidden_layers=blocks,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=28,
+        patch_size=14,
     )
     return Dinov2Model(config)
+
+
+def save_tiny_dinov2(path, image_size: int = 56) -> None:
+    """A 4-block random DINOv2 (width 32, patch 14) saved with save_pretrained: the recipe's test backbone."""
+    torch.manual_seed(0)
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=image_size,
+        patch_size=14,
+    )
+    Dinov2Model(config).save_pretrained(path)
 
 
 def tiny_vit() -> ViTModel:

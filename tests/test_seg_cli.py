@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from PIL import Image
-from transformers import Dinov2Config, Dinov2Model
 
-from peft_fishertune.seg.classes import RAW_IDS
+from peft_fishertune.seg.classes import CITYSCAPES_CLASSES, RAW_IDS
 from peft_fishertune.seg.cli import main
 from peft_fishertune.seg.run_config import SegRunConfig
+
+from .models import save_tiny_dinov2
 
 SIZE = (64, 96)
 
@@ -43,17 +43,7 @@ def workspace(tmp_path_factory):
             root / "cityscapes" / "gtFine" / "val" / "x" / f"x_{i}_gtFine_labelIds.png",
             np.array(RAW_IDS, dtype=np.uint8)[label],
         )
-    torch.manual_seed(0)
-    Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=4,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=64,
-            patch_size=14,
-        )
-    ).save_pretrained(root / "backbone")
+    save_tiny_dinov2(root / "backbone", image_size=64)
     assert main(["prepare", "gta5", str(root / "gta5")]) == 0
     assert main(["prepare", "cityscapes", str(root / "cityscapes")]) == 0
     return root
@@ -92,9 +82,10 @@ def test_train_eval_predict(workspace, method, capsys):
     assert (folder / "seg_config.yaml").exists()
     capsys.readouterr()
     assert main(["eval", str(folder), "--datasets", "cityscapes"]) == 0
-    table = capsys.readouterr().out
-    rows = {line.split("|")[1].strip(): float(line.split("|")[2]) for line in table.splitlines()[2:]}
-    assert set(rows) == {"cityscapes", "mean"} and 0 <= rows["cityscapes"] <= 100
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| class | cityscapes | mean |"
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in table[2:]}
+    assert list(rows) == [*CITYSCAPES_CLASSES, "**mIoU**"] and 0 <= float(rows["**mIoU**"]) <= 100
     out = workspace / f"{method}.png"
     assert (
         main(

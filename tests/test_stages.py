@@ -256,3 +256,62 @@ def test_recalibration_every_k_tuning_steps_keeps_what_was_trained():
     stages.step(T1 + 4, optimizer)
     assert calls == [T1, T1 + 2, T1 + 4]
     stages.close()
+
+
+class LogRecorder(TrainerCallback):
+    """Keeps every ``logs`` dict that reaches its on_log."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+def test_stage_entries_reach_callbacks_registered_before_and_after(tmp_path):
+    """fishertune_stage/density/active reach the on_log of every callback (what the printed line and reporting
+    integrations read), not only trainer.state.log_history."""
+    torch.manual_seed(0)
+    model = make_model()
+    before, after = LogRecorder(), LogRecorder()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=T1 + 2,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    callbacks = [before, FisherTuneCallback(), after]
+    Trainer(model=model, args=args, train_dataset=make_data(), callbacks=callbacks).train()
+    for recorder in (before, after):
+        training = [logs for logs in recorder.logs if "loss" in logs]
+        assert len(training) == T1 + 2
+        assert [logs["fishertune_stage"] for logs in training] == [0] * (T1 - 1) + [1] * 3
+        assert training[-1]["fishertune_active"] > 0
+
+
+def test_warmup_with_nothing_to_train_fails_at_the_start(tmp_path):
+    """warmup_steps > 0 and no modules_to_save: the Trainer stops before any step with a message that says what
+    to do, not with autograd's 'does not require grad' inside backward. warmup_steps=0 is fine."""
+    from peft_fishertune import FisherTuneStages
+
+    config = FisherTuneConfig(target_modules=VIT, warmup_steps=T1, calibration_steps=T2, tuning_steps=T3)
+    model = get_peft_model(build_model(), config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=T1 + T3,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        save_strategy="no",
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=make_data(), callbacks=[FisherTuneCallback()])
+    with pytest.raises(ValueError, match="modules_to_save"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    ready = get_peft_model(build_model(), FisherTuneConfig(target_modules=VIT, warmup_steps=0, calibration_steps=T2))
+    FisherTuneStages(ready, [{"pixel_values": torch.rand(2, 3, 56, 56)}]).close()

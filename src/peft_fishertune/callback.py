@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -34,6 +35,7 @@ class FisherTuneCallback(TrainerCallback):
         self.stages: FisherTuneStages | None = None
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        _run_first(self)
         if self.stages is not None:
             self.stages.close()
         self.stages = FisherTuneStages(
@@ -60,14 +62,40 @@ class FisherTuneCallback(TrainerCallback):
             self.stages.save(folder)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.stages is None or not state.log_history:
+        if self.stages is None:
             return
         info = self.stages.info(state.global_step)
-        state.log_history[-1].update(
-            fishertune_stage=0 if info.stage == "warmup" else 1,
-            fishertune_density=info.density,
-            fishertune_active=info.active,
-        )
+        entries = {
+            "fishertune_stage": 0 if info.stage == "warmup" else 1,
+            "fishertune_density": info.density,
+            "fishertune_active": info.active,
+        }
+        if logs is not None:  # the dict every callback's on_log receives (printed line, TensorBoard, W&B, ...)
+            logs.update(entries)
+        if state.log_history:
+            state.log_history[-1].update(entries)
+
+
+def _run_first(callback) -> None:
+    """Move ``callback`` to the front of the Trainer's callbacks, so that the entries its ``on_log`` adds to the
+    logs reach the ``on_log`` of every other callback, also those registered before it.
+
+    The Trainer passes callbacks no handle on its CallbackHandler; the handler is the caller of this event,
+    found on the call stack. Moving the callback from position k to 0 leaves every position after k as it
+    was, so the dispatch of the current event goes on unchanged. Without a handler (a loop that calls the
+    callback itself) nothing moves.
+    """
+    from transformers.trainer_callback import CallbackHandler
+
+    frame = inspect.currentframe()
+    while frame is not None:
+        handler = frame.f_locals.get("self")
+        if isinstance(handler, CallbackHandler):
+            if callback in handler.callbacks and handler.callbacks[0] is not callback:
+                handler.callbacks.remove(callback)
+                handler.callbacks.insert(0, callback)
+            return
+        frame = frame.f_back
 
 
 def _unwrap(model):

@@ -71,9 +71,24 @@ class FisherTuneStages:
         self._step = 0
         self._recalibrated_at = None
         self._augmentation = None
+        self._check_warmup_trains_something()
         if self.config.augment_shift:
             self._attach_augmentation()
         self._gradient_hooks = self._average_delta_gradients_across_processes()
+
+    def _check_warmup_trains_something(self) -> None:
+        """Fail at the start rather than inside the first backward: in the warm-up the adapter has no entries yet,
+        so something else (``modules_to_save``, e.g. the task head) must train."""
+        if self.config.warmup_steps == 0 or self.selected:
+            return
+        values = {id(p) for p in self.values()}
+        if not any(p.requires_grad and id(p) not in values for p in self.tuner.model.parameters()):
+            raise ValueError(
+                f"FisherTune has nothing to train in its warm-up (warmup_steps={self.config.warmup_steps}): the "
+                "adapter selects its entries only at the end of the warm-up, and no other parameter requires "
+                "grad. Name the task head in modules_to_save (e.g. modules_to_save=['classifier']), or set "
+                "warmup_steps=0 to calibrate before the first step."
+            )
 
     def _average_delta_gradients_across_processes(self) -> list:
         """With several processes, average the deltas' gradients after each accumulation into them.

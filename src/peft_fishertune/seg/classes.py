@@ -5,6 +5,8 @@ GTA5 labels use the Cityscapes label ids, so one mapping serves both.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 CITYSCAPES_CLASSES = (
@@ -108,3 +110,92 @@ def mapillary_lut(readable_names: list[str]) -> np.ndarray:
     lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
     lut[: len(readable_names)] = [mapillary_train_id(name) for name in readable_names]
     return lut
+
+
+@dataclass(frozen=True)
+class LabelSpace:
+    """The classes of a segmentation task: names, the ignore value, an optional raw-value map and colours.
+
+    - ``names``: the K class names; class indices are 0..K-1.
+    - ``ignore_index``: the label value left out of the loss and the metric (K..65535; 255 by default).
+    - ``label_map``: raw label value -> class index or ``ignore_index``; values not listed are kept as they are.
+    - ``palette``: K (r, g, b) colours for ``colorize``; generated (well spread hues) when absent.
+
+    The default is the 19 Cityscapes classes, ignore 255, no map, the Cityscapes palette.
+    """
+
+    names: tuple[str, ...] = CITYSCAPES_CLASSES
+    ignore_index: int = IGNORE_INDEX
+    label_map: dict | None = None
+    palette: tuple | None = None
+
+    def __post_init__(self):
+        names = tuple(self.names)
+        object.__setattr__(self, "names", names)
+        if not names or any(not isinstance(n, str) or not n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"classes must be distinct non-empty names, got {list(names)!r}")
+        if not isinstance(self.ignore_index, int) or not len(names) <= self.ignore_index <= 65535:
+            raise ValueError(
+                f"ignore_index must be an int in [{len(names)}, 65535] (not a class index), got {self.ignore_index!r}"
+            )
+        for raw, target in (self.label_map or {}).items():
+            if not isinstance(raw, int) or not 0 <= raw <= 65535:
+                raise ValueError(f"label_map keys must be raw label values 0..65535, got {raw!r}")
+            if not isinstance(target, int) or not (0 <= target < len(names) or target == self.ignore_index):
+                raise ValueError(
+                    f"label_map[{raw}] = {target!r} is neither a class index (0..{len(names) - 1}) nor "
+                    f"ignore_index ({self.ignore_index})"
+                )
+        if self.palette is not None:
+            palette = np.asarray(self.palette)
+            if palette.shape != (len(names), 3) or palette.min() < 0 or palette.max() > 255:
+                raise ValueError(
+                    f"palette must hold {len(names)} (r, g, b) colours in 0..255, got shape {palette.shape}"
+                )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def colours(self) -> np.ndarray:
+        """(K, 3) uint8 colours: the palette, the Cityscapes palette for the default classes, else generated."""
+        if self.palette is not None:
+            return np.asarray(self.palette, dtype=np.uint8)
+        if self.names == CITYSCAPES_CLASSES:
+            return PALETTE
+        return generated_palette(len(self.names))
+
+    def map_labels(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label values -> class indices (int64) through ``label_map``; unlisted values are kept."""
+        raw = np.asarray(raw)
+        if not self.label_map:
+            return raw.astype(np.int64)
+        lut = np.arange(max(256, int(raw.max(initial=0)) + 1, max(self.label_map) + 1), dtype=np.int64)
+        for value, target in self.label_map.items():
+            lut[value] = target
+        return lut[raw]
+
+    def invalid(self, labels: np.ndarray) -> np.ndarray:
+        """The values of ``labels`` (class indices) that are neither a class nor the ignore value."""
+        values = np.unique(labels)
+        return values[((values < 0) | (values >= len(self.names))) & (values != self.ignore_index)]
+
+    def colorize(self, labels: np.ndarray) -> np.ndarray:
+        """(H, W) class indices -> (H, W, 3) uint8 colours; the ignore value and anything else is black."""
+        labels = np.asarray(labels, dtype=np.int64)
+        colours = np.zeros((len(self.names) + 1, 3), dtype=np.uint8)
+        colours[:-1] = self.colours
+        return colours[np.where((labels >= 0) & (labels < len(self.names)), labels, len(self.names))]
+
+
+def generated_palette(count: int) -> np.ndarray:
+    """``count`` distinct colours: hues spread by the golden ratio, alternating brightness."""
+    import colorsys
+
+    colours = []
+    for i in range(count):
+        hue = (i * 0.618033988749895) % 1.0
+        value = 0.95 if i % 2 == 0 else 0.7
+        colours.append([round(255 * c) for c in colorsys.hsv_to_rgb(hue, 0.75, value)])
+    return np.asarray(colours, dtype=np.uint8)

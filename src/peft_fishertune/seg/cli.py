@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .classes import colorize
 from .run_config import SegRunConfig
 
 RUN_CONFIG_FILE = "seg_config.yaml"
@@ -30,7 +29,9 @@ def build_base(config: SegRunConfig):
 
     torch.manual_seed(config.seed)
     backbone = load_backbone(config.backbone)
-    return ViTMask2Former(backbone, decoder_config=tiny_decoder_config() if config.decoder == "tiny" else None)
+    classes = config.label_space.num_classes
+    decoder = tiny_decoder_config(classes) if config.decoder == "tiny" else None
+    return ViTMask2Former(backbone, num_classes=classes, decoder_config=decoder)
 
 
 def wrap(model, config: SegRunConfig):
@@ -94,13 +95,15 @@ def training_dataset(config: SegRunConfig):
     from .data import decode_batch, load_segmentation_dataset
     from .transforms import train_transform
 
-    dataset = load_segmentation_dataset(config.train_dataset, config.train_root, "train")
+    space = config.label_space
+    dataset = load_segmentation_dataset(config.train_dataset, config.train_root, config.train_split, space)
     generator = torch.Generator().manual_seed(config.seed)
+    scale = tuple(config.train_scale)
 
     def augment(batch):
-        decoded = decode_batch(batch)
+        decoded = decode_batch(batch, space)
         pairs = [
-            train_transform(x, y, generator, crop=config.crop)
+            train_transform(x, y, generator, crop=config.crop, scale=scale, ignore_index=space.ignore_index)
             for x, y in zip(decoded["pixel_values"], decoded["labels"])
         ]
         return {"pixel_values": [p[0] for p in pairs], "labels": [p[1] for p in pairs]}
@@ -177,30 +180,65 @@ def load_trained(folder: str | Path):
     return model.eval(), config
 
 
-def evaluate_run(folder, datasets: list[str], roots: dict[str, str], progress=True) -> dict[str, float]:
-    from .data import load_segmentation_dataset
-    from .evaluation import evaluate_domains
+def evaluate_run(folder, datasets: list[str], roots: dict[str, str], progress=True) -> dict[str, dict]:
+    """Per-class IoU and mIoU of a trained run on each named dataset: {name: {"mean_iou", "per_class_iou"}}.
+
+    A name is a key of the run config's ``eval_datasets`` or a known layout; ``roots`` (NAME=PATH) replace or
+    supply root folders."""
+    from .data import LAYOUTS, load_segmentation_dataset
+    from .evaluation import TEST_SCALES, evaluate_per_class
 
     model, config = load_trained(folder)
-    roots = {**config.eval_datasets, **roots}
-    missing = [name for name in datasets if name not in roots]
-    if missing:
-        raise ValueError(f"no root folder for {missing}: pass --root NAME=PATH")
-    data = {name: load_segmentation_dataset(name, roots[name]) for name in datasets}
-    return evaluate_domains(model, data, progress=progress)
+    space = config.label_space
+    data, scales = {}, {}
+    for name in datasets:
+        if name in config.eval_datasets:
+            spec = config.eval_dataset(name)
+        elif name in LAYOUTS and name in roots:
+            spec = {"layout": name, "root": roots[name], "split": None, "short_side": None}
+        else:
+            raise ValueError(f"no evaluation dataset {name!r} in the run config: add it, or pass --root {name}=PATH")
+        root = roots.get(name, spec["root"])
+        data[name] = load_segmentation_dataset(spec["layout"], root, spec["split"], space)
+        short = spec["short_side"]
+        scales[name] = (float("inf"), short) if short else TEST_SCALES.get(spec["layout"])
+    return evaluate_per_class(
+        model, data, scales, config.window, config.stride, space.num_classes, progress, space.ignore_index
+    )
+
+
+def per_class_table(results: dict[str, dict], names) -> str:
+    """Markdown: one row per class (IoU % per domain), then mIoU; the last column is the mean over domains."""
+    domains = list(results)
+    lines = ["| class | " + " | ".join(domains) + " | mean |", "|---|" + "---|" * (len(domains) + 1)]
+
+    def cells(values):
+        shown = ["n/a" if np.isnan(v) else f"{100 * v:.1f}" for v in values]
+        finite = [v for v in values if not np.isnan(v)]
+        return " | ".join(shown) + f" | {100 * np.mean(finite):.1f}" if finite else " | ".join(shown) + " | n/a"
+
+    for k, name in enumerate(names):
+        lines.append(f"| {name} | " + cells([results[d]["per_class_iou"][k] for d in domains]) + " |")
+    lines.append("| **mIoU** | " + cells([results[d]["mean_iou"] for d in domains]) + " |")
+    return "\n".join(lines)
 
 
 def predict(folder, image_path: str, output: str) -> np.ndarray:
+    """Colour-coded mask of one image, in the run's class colours; returns the class indices."""
     from PIL import Image
 
+    from .data import read_image
     from .inference import predict_labels, slide_inference
 
     model, config = load_trained(folder)
-    image = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    space = config.label_space
+    image = torch.from_numpy(read_image(image_path)).permute(2, 0, 1).float() / 255
     with torch.no_grad():
-        logits = slide_inference(lambda x: model(pixel_values=x).logits, image[None], 19, config.crop)
-    mask = predict_labels(logits, image.shape[-2:])[0].numpy().astype(np.uint8)
-    Image.fromarray(colorize(mask)).save(output)
+        logits = slide_inference(
+            lambda x: model(pixel_values=x).logits, image[None], space.num_classes, config.window, config.stride
+        )
+    mask = predict_labels(logits, image.shape[-2:])[0].numpy()
+    Image.fromarray(space.colorize(mask)).save(output)
     return mask
 
 
@@ -208,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fishertune-seg", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("prepare", help="write train-id labels and an index for a dataset folder")
-    p.add_argument("dataset")
+    p.add_argument("dataset", help="a layout: gta5, cityscapes, bdd100k, acdc, mapillary or folder (your own data)")
     p.add_argument("root")
+    p.add_argument("--config", help="folder: the run config whose classes, ignore_index and label_map apply")
     t = commands.add_parser("train", help="train from a YAML run config")
     t.add_argument("config")
     t.add_argument("--backbone")
@@ -245,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "benchmark":
             d.add_argument("--methods", nargs="+", default=None, help="a subset of the methods")
         if name == "study":
-            d.add_argument("--sections", nargs="+", default=None, help="a subset of the sections")
+            d.add_argument("--sections", nargs="+", default=None, help="sections (default: all but 'calibration')")
             d.add_argument("--workers", type=int, default=1, help="processes (one torch thread each) for the runs")
     p = commands.add_parser("pretrain", help="pre-train the small backbone shipped with the package")
     p.add_argument("--out", required=True)
@@ -273,22 +312,38 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.command == "prepare":
-        from .data import prepare
+        from .data import prepare, prepare_folder
 
-        print(f"wrote {prepare(args.dataset, args.root)} label files and the index under {args.root}")
+        if args.dataset == "folder":
+            space = SegRunConfig.load(args.config).label_space if args.config else SegRunConfig().label_space
+            _print_folder_report(prepare_folder(args.root, space), space, args.root)
+        else:
+            print(f"wrote {prepare(args.dataset, args.root)} label files and the index under {args.root}")
     elif args.command == "train":
         config = SegRunConfig.load(args.config, backbone=args.backbone, method=args.method, output_dir=args.output_dir)
         print(f"saved to {train(config)}")
     elif args.command == "eval":
         roots = dict(item.split("=", 1) for item in args.root)
         results = evaluate_run(args.folder, args.datasets, roots)
-        print("| domain | mIoU |\n|---|---|")
-        for name, value in results.items():
-            print(f"| {name} | {100 * value:.1f} |")
+        print(per_class_table(results, load_trained_config(args.folder).label_space.names))
     else:
         predict(args.folder, args.image, args.output)
         print(f"wrote {args.output}")
     return 0
+
+
+def load_trained_config(folder) -> SegRunConfig:
+    return SegRunConfig.load(Path(folder) / RUN_CONFIG_FILE)
+
+
+def _print_folder_report(report: dict, space, root) -> None:
+    print(f"{root}: " + ", ".join(f"{split} {r['images']} images" for split, r in report.items()))
+    splits = list(report)
+    print("| class | " + " | ".join(f"{s} pixels %" for s in splits) + " |\n|---|" + "---|" * len(splits))
+    for k, name in enumerate([*space.names, f"(ignore {space.ignore_index})"]):
+        shares = [100 * r["pixels"][k] / max(sum(r["pixels"]), 1) for r in report.values()]
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in shares) + " |")
+    print(f"wrote the index {Path(root) / 'fishertune_index.json'}")
 
 
 def _embedded(args) -> int:
@@ -306,9 +361,9 @@ def _embedded(args) -> int:
     if args.command == "demo":
         run_demo(args.out, budget, seed=args.seed, progress=not args.no_progress, backbone_path=args.backbone)
     elif args.command == "study":
-        from .study import SECTIONS, run_study
+        from .study import PAPER_SECTIONS, SECTIONS, run_study
 
-        sections = args.sections or SECTIONS
+        sections = args.sections or PAPER_SECTIONS
         unknown = [s for s in sections if s not in SECTIONS]
         if unknown:
             raise SystemExit(f"unknown section(s) {unknown}; sections: {', '.join(SECTIONS)}")

@@ -17,9 +17,15 @@ class SegRunConfig:
 
     backbone: str = "facebook/dinov2-large"  # transformers name or local path
     method: str = "fishertune"  # fishertune | full | frozen | lora (baselines from the same script)
-    train_dataset: str = "gta5"
+    classes: list[str] | None = None  # class names; None: the 19 Cityscapes classes
+    ignore_index: int = 255  # the label value left out of the loss and the metric
+    label_map: dict[int, int] | None = None  # raw label value -> class index or ignore_index; unlisted values kept
+    palette: list[list[int]] | None = None  # one [r, g, b] per class; generated when absent
+    train_dataset: str = "gta5"  # a layout: gta5 | cityscapes | bdd100k | acdc | mapillary | folder
     train_root: str = "data/gta5"
-    eval_datasets: dict[str, str] = field(
+    train_split: str = "train"
+    # name -> a root folder (the layout is the name), or {layout: ..., root: ..., split: ..., short_side: ...}
+    eval_datasets: dict[str, str | dict] = field(
         default_factory=lambda: {
             "cityscapes": "data/cityscapes",
             "bdd100k": "data/bdd100k",
@@ -28,7 +34,11 @@ class SegRunConfig:
     )
     output_dir: str = "runs/gta2cs"
     decoder: str = "paper"  # paper (Mask2Former defaults) | tiny (tests, CPU demos)
-    crop: int = 512
+    crop: int = 512  # training crop (images smaller than it are padded with the ignore value)
+    train_scale: list[int] = field(default_factory=lambda: [2048, 512])  # [long, short] side before the 0.5-2x rescale
+    test_short_side: int | None = None  # keep-ratio resize at test time for folder datasets; None: as they are
+    window: int = 512  # sliding window at test time (an image smaller than it is one window)
+    stride: int = 341
     batch_size: int = 4
     lr: float = 1e-4  # decoder (and full fine-tuning)
     backbone_lr: float = 1e-5  # FisherTune deltas / LoRA
@@ -59,9 +69,43 @@ class SegRunConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.decoder not in ("paper", "tiny"):
             raise ValueError(f"decoder must be 'paper' or 'tiny', got {self.decoder!r}")
-        for name in ("crop", "batch_size", "tuning_steps", "calibration_steps"):
+        for name in ("crop", "batch_size", "tuning_steps", "calibration_steps", "window", "stride"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.label_map is not None:
+            self.label_map = {int(k): int(v) for k, v in self.label_map.items()}
+        _ = self.label_space  # validates classes, ignore_index, label_map and palette, naming the bad value
+        for name in self.eval_datasets:
+            self.eval_dataset(name)
+        if len(self.train_scale) != 2 or min(self.train_scale) <= 0:
+            raise ValueError(f"train_scale must be [long side, short side], got {self.train_scale!r}")
+
+    @property
+    def label_space(self):
+        from .classes import CITYSCAPES_CLASSES, LabelSpace
+
+        names = tuple(self.classes) if self.classes is not None else CITYSCAPES_CLASSES
+        palette = tuple(tuple(c) for c in self.palette) if self.palette is not None else None
+        return LabelSpace(names, self.ignore_index, self.label_map, palette)
+
+    def eval_dataset(self, name: str) -> dict:
+        """{layout, root, split, short_side} of the evaluation dataset ``name``."""
+        from .data import DEFAULT_SPLITS, LAYOUTS
+
+        spec = self.eval_datasets[name]
+        spec = {"layout": name, "root": spec} if isinstance(spec, str) else dict(spec)
+        unknown = set(spec) - {"layout", "root", "split", "short_side"}
+        if unknown or "root" not in spec:
+            raise ValueError(
+                f"eval_datasets[{name!r}] must be a root folder or a mapping with root (and layout, split, "
+                f"short_side), got {self.eval_datasets[name]!r}"
+            )
+        spec.setdefault("layout", name)
+        if spec["layout"] not in LAYOUTS:
+            raise ValueError(f"eval_datasets[{name!r}]: unknown layout {spec['layout']!r}; known: {sorted(LAYOUTS)}")
+        spec.setdefault("split", DEFAULT_SPLITS[spec["layout"]])
+        spec.setdefault("short_side", self.test_short_side if spec["layout"] == "folder" else None)
+        return spec
 
     @property
     def max_steps(self) -> int:

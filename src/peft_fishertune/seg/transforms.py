@@ -25,20 +25,20 @@ def random_rescale(image, label, generator, scale=(2048, 512), ratio=(0.5, 2.0))
     return image, label
 
 
-def random_crop(image, label, generator, size=512, cat_max_ratio=0.75, tries=10):
+def random_crop(image, label, generator, size=512, cat_max_ratio=0.75, tries=10, ignore_index=IGNORE_INDEX):
     height, width = label.shape
     for _ in range(tries):
         y = int(torch.randint(max(height - size, 0) + 1, (), generator=generator))
         x = int(torch.randint(max(width - size, 0) + 1, (), generator=generator))
         crop = label[y : y + size, x : x + size]
-        counts = torch.bincount(crop[crop != IGNORE_INDEX].reshape(-1))
+        counts = torch.bincount(crop[crop != ignore_index].reshape(-1))
         if counts.numel() > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
     image, label = image[:, y : y + size, x : x + size], label[y : y + size, x : x + size]
     pad_h, pad_w = size - label.shape[0], size - label.shape[1]
     if pad_h > 0 or pad_w > 0:
         image = F.pad(image, (0, pad_w, 0, pad_h), value=0.0)
-        label = F.pad(label, (0, pad_w, 0, pad_h), value=IGNORE_INDEX)
+        label = F.pad(label, (0, pad_w, 0, pad_h), value=ignore_index)
     return image, label
 
 
@@ -73,9 +73,9 @@ def _shift_hue(image, shift):
     return torch.einsum("ij,jhw->ihw", transform, image)
 
 
-def train_transform(image, label, generator, crop=512, scale=(2048, 512)):
-    """Rescale, crop, flip, jitter: the training pipeline for one pair."""
+def train_transform(image, label, generator, crop=512, scale=(2048, 512), ignore_index=IGNORE_INDEX):
+    """Rescale, crop, flip, jitter: the training pipeline for one pair (labels resized nearest-neighbour)."""
     image, label = random_rescale(image, label, generator, scale)
-    image, label = random_crop(image, label, generator, crop)
+    image, label = random_crop(image, label, generator, crop, ignore_index=ignore_index)
     image, label = random_flip(image, label, generator)
     return photometric_jitter(image, generator), label
