@@ -27,7 +27,11 @@ def test_rows_cover_the_papers_studies_and_share_equal_runs():
     same = [r.label for r in rows if r.key(budget) == default]
     assert {"FisherTune (defaults)", "λ = 0.5", "γ = 0.01, τ = 0.01", "exponential", "FisherTune, 15%"} <= set(same)
     assert study.Row("x", "r", "random", {"lam": 0.0}).key(budget) == study.Row("x", "r", "random").key(budget)
-    assert len({r.key(budget) for r in rows if study._every_seed(r, rows, budget)}) == 15
+    paper = study.study_rows(budget, study.PAPER_SECTIONS)
+    assert len({r.key(budget) for r in paper if study._every_seed(r, paper, budget)}) == 15
+    # the calibration section's rows at the budget's own length are runs the other sections have already
+    longer = {r.key(budget) for r in rows if r.section == "calibration"} - {r.key(budget) for r in paper}
+    assert len(longer) == 3 and all(dict(key[1:])["calibration_steps"] == 400 for key in longer)
 
 
 def _run(key, seed, curve, unseen_final):
@@ -37,27 +41,29 @@ def _run(key, seed, curve, unseen_final):
 
 
 def test_summary_pairs_each_row_with_random_of_the_same_seed():
-    """The matched level is random's lowest final source; a row's 'vs random' is the mean of per-seed differences
-    at that level; a run that never reaches it is left out and counted."""
+    """The matched level is random's lowest final source. 'vs random' compares a run with random sparse tuning of
+    the same seed where both curves reach the lower of their two final source scores, so a run that fits the
+    source less is not credited for it."""
     record = {
         "reference": "random",
+        "seeds": [0, 1],
         "rows": [
-            {"section": "references", "label": "random", "key": "random"},
-            {"section": "lambda", "label": "λ = 1", "key": "ft"},
+            {"section": "references", "label": "random", "key": "random", "reference": None},
+            {"section": "lambda", "label": "λ = 1", "key": "ft", "reference": None},
         ],
         "runs": [
             _run("random", 0, [(0.5, 0.5), (0.8, 0.6)], 0.6),
             _run("random", 1, [(0.5, 0.5), (0.9, 0.7)], 0.7),
-            _run("ft", 0, [(0.5, 0.5), (0.9, 0.9)], 0.9),  # at 0.8: 0.8
-            _run("ft", 1, [(0.5, 0.5), (0.7, 0.9)], 0.9),  # never reaches 0.8
+            _run("ft", 0, [(0.5, 0.5), (0.9, 0.9)], 0.9),  # at 0.8 (random's end): 0.8
+            _run("ft", 1, [(0.5, 0.5), (0.7, 0.9)], 0.9),  # ends at 0.7, where random reads 0.5 + 0.2 * 0.5 = 0.6
         ],
     }
     summary = study.summarise_study(record)
     assert summary["matched_source_level"] == 0.8
     ft = summary["rows"][1]
     assert ft["matched"][0] == pytest.approx(0.8) and ft["reached"] == 1
-    assert ft["vs_random_matched"][0] == pytest.approx(0.8 - 0.6)  # seed 0 only
-    assert ft["vs_random_final"] == pytest.approx([0.25, (0.05**2 * 2) ** 0.5])
+    assert ft["vs_random"][0] == pytest.approx(((0.8 - 0.6) + (0.9 - 0.6)) / 2)
+    assert summary["rows"][0]["vs_random"] == [0.0, 0.0]
 
 
 def test_reduced_study_end_to_end(tmp_path, capsys):
