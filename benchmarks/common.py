@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import Dinov2Config, Dinov2Model
 
+from peft_fishertune.naming import vit_target_modules
 from peft_fishertune.quickstart import TinySegmenter
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 # One ViT-L block's candidate weights; 24 blocks hold 302M entries.
 VIT_L_SHAPES = {
     "q_proj": (1024, 1024),

@@ -8,10 +8,10 @@ from accelerate import Accelerator
 from peft import get_peft_model
 from torch import nn
 
-from peft_fishertune import FisherTuneConfig, Scores, calibrate
+from peft_fishertune import FisherTuneConfig, Scores, calibrate, vit_target_modules
 from peft_fishertune.quickstart import build_model, synthetic_batch
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 
 
 class Logistic(nn.Module):

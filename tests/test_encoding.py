@@ -9,12 +9,12 @@ from peft import AutoPeftModel, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import Dinov2Model
 
-from peft_fishertune import FisherTuneConfig
+from peft_fishertune import FisherTuneConfig, vit_target_modules
 from peft_fishertune.encoding import code_sizes, decode, encode
 
 from .models import build, tensor_of, tiny_dinov2
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 
 
 def segment_kinds(blob: torch.Tensor) -> list[int]:

@@ -14,12 +14,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
-from peft_fishertune import FisherTuneConfig, FisherTuneLayer
+from peft_fishertune import FisherTuneConfig, FisherTuneLayer, vit_target_modules
 from peft_fishertune.encoding import decode
 
 from .models import build, tensor_of
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 # (case id, model id, config kwargs); every case gets init_selection="random" unless it says otherwise.
 CASES = [
     ("mlp-lin0", "mlp", {"target_modules": ["lin0"]}),

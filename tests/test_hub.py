@@ -12,11 +12,11 @@ from huggingface_hub.utils import _http
 from peft import get_peft_model
 from transformers import Dinov2Model
 
-from peft_fishertune import FisherTuneConfig
+from peft_fishertune import FisherTuneConfig, vit_target_modules
 
 from .models import tiny_dinov2
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 
 
 class FakeHub:

@@ -6,12 +6,12 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from peft_fishertune import FisherTuneConfig, global_topk
+from peft_fishertune import FisherTuneConfig, global_topk, vit_target_modules
 from peft_fishertune.selection import count_for_density
 
 from .models import build
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 
 
 def test_global_topk_matches_brute_force():

@@ -15,11 +15,11 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from peft_fishertune import FisherTuneCallback, FisherTuneConfig, create_optimizer, density_at
+from peft_fishertune import FisherTuneCallback, FisherTuneConfig, create_optimizer, density_at, vit_target_modules
 from peft_fishertune.quickstart import build_model, synthetic_batch
 from peft_fishertune.selection import count_for_density
 
-VIT = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
+VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 T1, T2, T3 = 3, 2, 6
 
 SCHEDULE_TABLE = [  # (schedule, t, T3, min, max, hand-computed value)

@@ -12,6 +12,7 @@ from .callback import FisherTuneCallback
 from .config import FisherTuneConfig
 from .layer import FisherTuneLayer
 from .model import FisherTuneModel
+from .naming import vit_target_modules
 from .perturbation import DomainShift
 from .schedules import density_at
 from .scores import Scores
@@ -36,4 +37,5 @@ __all__ = [
     "create_optimizer",
     "density_at",
     "global_topk",
+    "vit_target_modules",
 ]

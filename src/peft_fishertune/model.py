@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Mapping
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
 
 try:  # peft >= 0.15: the base class of modules_to_save and trainable-token wrappers
     from peft.utils.other import AuxiliaryTrainingWrapper
@@ -15,17 +16,14 @@ except ImportError:  # pragma: no cover
 
 from .config import FisherTuneConfig
 from .layer import LAYER_CLASSES, FisherTuneLayer
+from .naming import KNOWN_MODEL_TYPES, default_target_modules, name_aliases, rename_keys, untargeted_attention
 from .selection import Selection, count_for_density, global_topk, initial_scores
 from .serialization import decode_state_dict, encode_state_dict
 from .validation import validate_adapter_state_dict
 
-VIT_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"]
-# Default candidates per transformers model_type: the backbone's attention and MLP linear layers.
-TARGET_MODULE_MAPPING = {
-    "dinov2": VIT_LINEARS,
-    "dinov2_with_registers": VIT_LINEARS,
-    "vit": VIT_LINEARS,
-}
+# Default candidates per transformers model_type: the q, k, v, o, fc1 and fc2 linears of the backbone's blocks
+# (of the vision tower for CLIP and SigLIP), as one regex that matches transformers 4.x and 5.x names.
+TARGET_MODULE_MAPPING = {model_type: default_target_modules(model_type) for model_type in KNOWN_MODEL_TYPES}
 
 
 class FisherTuneModel(BaseTuner):
@@ -46,6 +44,8 @@ class FisherTuneModel(BaseTuner):
     def __init__(self, model, config, adapter_name, low_cpu_mem_usage: bool = False, state_dict=None) -> None:
         # adapter name -> Selection, kept to grow the active prefix in global rank order (see set_density).
         self._selections: dict[str, Selection] = {}
+        # module name -> its name under the other transformers line (see naming.py), set by inject_adapter.
+        self._name_aliases: dict[str, str] = {}
         super().__init__(model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage, state_dict=state_dict)
 
     @property
@@ -96,8 +96,17 @@ class FisherTuneModel(BaseTuner):
             config = copy.deepcopy(config)
             config.selection_counts = {}
             self.peft_config[adapter_name] = config
+        # A config or state dict saved under the other transformers line names modules as that line does.
+        self._name_aliases = name_aliases(model)
+        names = [name for name, _ in model.named_modules()]
+        renamed = rename_keys(config.selection_counts, names, self._name_aliases, separator=None)
+        config.selection_counts = {renamed.get(k, k): v for k, v in config.selection_counts.items()}
+        if kwargs.get("state_dict") is not None:
+            renamed = rename_keys(kwargs["state_dict"], names, self._name_aliases)
+            kwargs["state_dict"] = {renamed.get(k, k): v for k, v in kwargs["state_dict"].items()}
         super().inject_adapter(model, adapter_name, **kwargs)
         layers = self._layers(adapter_name)
+        _warn_untargeted_attention(model, adapter_name)
         unknown = set(config.selection_counts) - set(layers)
         if unknown:
             raise ValueError(
@@ -107,6 +116,17 @@ class FisherTuneModel(BaseTuner):
             weights = {name: layer.get_base_layer().weight for name, layer in layers.items()}
             scores = initial_scores(weights, config.init_selection, config.seed)
             self.select(scores, adapter_name=adapter_name, active_density=config.density_max)
+
+    def _check_target_module_exists(self, peft_config, key):
+        """peft's match of ``key`` against target_modules / exclude_modules, also tried with the name the module
+        has under the other transformers line: a config written with 4.x names (``attention.attention.query``)
+        targets the same weights under 5.x (``attention.q_proj``) and the reverse."""
+        result = check_target_module_exists(peft_config, key)
+        alias = self._name_aliases.get(key)
+        if alias is None or _is_excluded(result):
+            return result
+        other = check_target_module_exists(peft_config, alias)
+        return other if _is_excluded(other) or not result else result
 
     # ------------------------------------------------------------------ selection
     def _layers(self, adapter_name: str | None = None) -> dict[str, FisherTuneLayer]:
@@ -236,6 +256,9 @@ class FisherTuneModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        # A file saved under the other transformers line: its module names as this line has them.
+        renamed = rename_keys(state_dict, [name for name, _ in model.named_modules()], name_aliases(model))
+        state_dict = {renamed.get(key, key): value for key, value in state_dict.items()}
         state_dict = decode_state_dict(model, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict
@@ -250,6 +273,30 @@ class FisherTuneModel(BaseTuner):
         if adopt:
             _adopt_selection(model, adapter_name, found)
         return remapped
+
+
+def _is_excluded(result) -> bool:
+    """Whether peft's target check said "excluded" (a falsy marker object, not False)."""
+    return type(result).__name__ == "_ExcludedModule"
+
+
+def _warn_untargeted_attention(model, adapter_name: str) -> None:
+    """Warn when a known backbone in ``model`` gets FisherTune on none of its attention linears."""
+
+    def targeted(module) -> bool:
+        return isinstance(module, FisherTuneLayer) and adapter_name in module.fishertune_values
+
+    for entry in untargeted_attention(model, targeted):
+        where = f"the {entry['model_type']} model" + (f" at {entry['prefix']!r}" if entry["prefix"] else "")
+        matched = ", ".join(f"{name} x{count}" for name, count in entry["matched"].items()) or "nothing"
+        warnings.warn(
+            f"FisherTune adapter {adapter_name!r} targets none of the attention linear layers of {where}; in it "
+            f"target_modules matched: {matched}. Its attention linears are named {entry['attention']} in "
+            "this transformers version. Leave target_modules at None (on a transformers model of that type) "
+            "or use peft_fishertune.vit_target_modules(prefix) to target the q, k, v, o, fc1 and fc2 linears "
+            "under transformers 4.x and 5.x names alike.",
+            stacklevel=4,
+        )
 
 
 def _adopt_selection(model, adapter_name: str, found: dict) -> None:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     from peft import PeftModel, get_peft_model
 
     import peft_fishertune  # noqa: F401  (registers the method)
-    from peft_fishertune import FisherTuneConfig
+    from peft_fishertune import FisherTuneConfig, vit_target_modules
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="adapter folder (a temporary one by default)")
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or tempfile.mkdtemp(prefix="fishertune-quickstart-")
 
     config = FisherTuneConfig(
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "fc1", "fc2"],
+        target_modules=vit_target_modules("backbone"),  # the blocks' q, k, v, o, fc1, fc2 (transformers 4.x or 5.x)
         modules_to_save=["decode_head"],
         init_selection="magnitude",
         density_max=0.15,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..naming import ROLES, block_role
 from .foundation import TokenSegmenter, load_foundation, progress_bar
 from .metric import IoUAccumulator
 from .synthetic import CLASSES, DOMAINS, synthetic_dataset
@@ -358,14 +359,7 @@ def _trainable_backbone(model, method: str) -> int:
     return sum(model.base_model.active_counts().values())
 
 
-GROUPS = {
-    "q": ("q_proj", "query"),
-    "k": ("k_proj", "key"),
-    "v": ("v_proj", "value"),
-    "o": ("o_proj", "output.dense"),
-    "fc1": ("fc1",),
-    "fc2": ("fc2",),
-}  # transformers 5 and 4 names
+GROUPS = ROLES  # the columns of the per-block tables: q, k, v, o, fc1, fc2 (either transformers line's names)
 
 
 def selected_fraction(model) -> np.ndarray:
@@ -378,11 +372,12 @@ def selected_fraction(model) -> np.ndarray:
 
 def block_matrix(values: dict[str, float], blocks: int) -> np.ndarray:
     """(blocks, 6) table of a number per candidate module, by block and q, k, v, o, fc1, fc2."""
-    table = np.zeros((blocks, len(GROUPS)))
+    table = np.zeros((blocks, len(ROLES)))
     for name, value in values.items():
-        for j, suffixes in enumerate(GROUPS.values()):
-            if name.endswith(suffixes):
-                table[int(name.split("layer.")[1].split(".")[0]), j] = value
+        place = block_role(name)
+        if place is None:
+            raise ValueError(f"{name!r} is not a q, k, v, o, fc1 or fc2 linear of a backbone block")
+        table[place[0], ROLES.index(place[1])] = value
     return table
 
 

@@ -157,13 +157,15 @@ def _init_like_mask2former(head: nn.Module, config: Mask2FormerConfig) -> None:
 
 
 def backbone_target_modules(prefix: str = "backbone") -> str:
-    """The FisherTune candidates of a ViTMask2Former: the attention and MLP linear layers of the backbone's
-    blocks only.
+    """The FisherTune candidates of a ViTMask2Former: the q, k, v, o, fc1 and fc2 linears of the backbone's
+    blocks only, under transformers 4.x and 5.x names (``naming.vit_target_modules``).
 
     A regex, because Mask2Former's decoder layers also have modules named fc1/fc2, and SigLIP's pooling head
     (unused for segmentation) has out_proj/fc1/fc2 outside the blocks.
     """
-    return rf"{prefix}\..*\.layers?\.\d+\..*\.(q_proj|k_proj|v_proj|o_proj|out_proj|fc1|fc2)"
+    from ..naming import vit_target_modules
+
+    return vit_target_modules(prefix)
 
 
 def load_backbone(name_or_path: str) -> nn.Module:
