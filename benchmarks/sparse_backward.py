@@ -3,7 +3,7 @@
     python benchmarks/sparse_backward.py [--tokens 514] [--repeats 5]
 
 One ViT-B MLP weight (3072 x 768), a batch of 2 images of 257 tokens, deltas at several densities. Prints
-the median backward time of each mode (markdown); ``sparse_linear.SPARSE_DENSITY`` follows from it.
+the median backward time of each mode (markdown); ``sparse_linear.SPARSE_DENSITY["cpu"]`` follows from it.
 """
 
 from __future__ import annotations

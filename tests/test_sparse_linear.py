@@ -111,3 +111,23 @@ def test_fishertune_model_with_gradient_checkpointing_and_autocast():
         loss = model(pixel_values=images, labels=labels).loss
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if "fishertune_values" in n)
+
+
+def test_auto_threshold_is_per_device_type(monkeypatch):
+    """``auto`` reads the threshold of the weight's device type; the environment or set_sparse_density set it."""
+    from peft_fishertune import sparse_linear
+
+    weight = torch.zeros(100, 100)
+    values = torch.zeros(50)  # 0.5% of the weight
+    assert sparse_linear.sparse_density("cpu") == sparse_linear.SPARSE_DENSITY["cpu"]
+    monkeypatch.setitem(sparse_linear.SPARSE_DENSITY, "cpu", 0.01)
+    assert sparse_linear._use_sparse("auto", values, weight)
+    sparse_linear.set_sparse_density("cpu", 0.001)
+    assert not sparse_linear._use_sparse("auto", values, weight)
+    monkeypatch.setenv("FISHERTUNE_SPARSE_DENSITY_CPU", "0.02")
+    assert sparse_linear._use_sparse("auto", values, weight)
+    monkeypatch.setenv("FISHERTUNE_SPARSE_DENSITY_CPU", "two")
+    with pytest.raises(ValueError, match="FISHERTUNE_SPARSE_DENSITY_CPU='two'"):
+        sparse_linear.sparse_density("cpu")
+    with pytest.raises(ValueError, match=r"'cuda' must lie in \[0, 1\], got 1.5"):
+        sparse_linear.set_sparse_density("cuda", 1.5)
