@@ -7,6 +7,7 @@ check the tests themselves where no GPU is at hand); the sync test needs CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -91,7 +92,7 @@ def test_an_adapter_saved_on_cpu_loads_into_a_device_model(tmp_path):
     loaded = PeftModel.from_pretrained(build_model(0).to(DEVICE), tmp_path).eval()
     layers = [m for m in loaded.modules() if isinstance(m, FisherTuneLayer)]
     assert layers and all(m.fishertune_values["default"].device.type == DEVICE.split(":")[0] for m in layers)
-    with torch.no_grad():
+    with torch.no_grad(), _no_tf32():  # compared with the CPU outputs to 1e-4
         got = loaded(pixel_values=x.to(DEVICE)).logits
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-4)
 
@@ -101,7 +102,8 @@ def test_calibration_on_the_device_equals_the_cpu_one():
     (float32 matmuls differ in their last bits between devices, squaring the gradients amplifies that a
     little) and the top 15% by DR-FIM is the same set up to 1%. The shift draws its noise on the CPU, so
     x' is the same batch on both devices."""
-    scores = {device: _calibrated(device, "closed_form") for device in ("cpu", DEVICE)}
+    with _no_tf32():  # TF32 convolutions/matmuls (cuDNN's default on Ampere and later) round to 10 bits
+        scores = {device: _calibrated(device, "closed_form") for device in ("cpu", DEVICE)}
     cpu, dev = scores["cpu"], scores[DEVICE]
     for name in cpu.fisher:
         for a, b in ((cpu.fisher[name], dev.fisher[name]), (cpu.fisher_shifted[name], dev.fisher_shifted[name])):
@@ -118,6 +120,16 @@ def test_variational_calibration_runs_on_the_device():
         assert fisher.device.type == DEVICE.split(":")[0]
         assert torch.isfinite(fisher).all() and torch.isfinite(scores.drf[name]).all()
         assert (scores.domain[name] >= 0).all()
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 def _calibrated(device: str, estimator: str):
