@@ -119,6 +119,20 @@ def test_other_vfm_families(family, tmp_path):
         ),
     )
     assert sum(isinstance(m, FisherTuneLayer) for m in peft_model.modules()) == 4 * 6
+    from peft_fishertune.seg.cli import resolve_perturb_module
+
+    assert resolve_perturb_module(model, "auto") == "backbone.embeddings.patch_embedding"  # CLIP/SigLIP's name
+
+
+def test_auto_perturb_module_is_the_patch_embedding_or_a_clear_error():
+    from peft_fishertune.seg.cli import resolve_perturb_module
+
+    model = build(seed=0)
+    assert resolve_perturb_module(model, "auto") == "backbone.embeddings.patch_embeddings"  # DINOv2's name
+    assert resolve_perturb_module(model, None) is None
+    assert resolve_perturb_module(model, "backbone.embeddings") == "backbone.embeddings"
+    with pytest.raises(ValueError, match="perturb_module: auto .*found neither"):
+        resolve_perturb_module(torch.nn.Linear(2, 2), "auto")
 
 
 def test_decoder_is_initialised_whatever_memory_it_gets():

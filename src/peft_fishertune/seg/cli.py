@@ -34,6 +34,23 @@ def build_base(config: SegRunConfig):
     return ViTMask2Former(backbone, num_classes=classes, decoder_config=decoder)
 
 
+PATCH_EMBEDDINGS = ("backbone.embeddings.patch_embeddings", "backbone.embeddings.patch_embedding")
+
+
+def resolve_perturb_module(model, name: str | None) -> str | None:
+    """``"auto"``: the backbone's patch embedding under the name its family gives it; anything else as given."""
+    if name != "auto":
+        return name
+    modules = dict(model.named_modules())
+    found = next((candidate for candidate in PATCH_EMBEDDINGS if candidate in modules), None)
+    if found is None:
+        raise ValueError(
+            f"perturb_module: auto looks for the backbone's patch embedding ({' or '.join(PATCH_EMBEDDINGS)}) and "
+            f"found neither; name the module whose output features get the statistics shift, or null for pixels"
+        )
+    return found
+
+
 def wrap(model, config: SegRunConfig):
     """The model for the chosen method: FisherTune or LoRA adapters (decoder in full), full, or frozen."""
     from peft import LoraConfig, get_peft_model
@@ -57,7 +74,7 @@ def wrap(model, config: SegRunConfig):
                 allocation=config.allocation,
                 recalibrate_every=config.recalibrate_every,
                 estimator=config.estimator,
-                perturb_module=config.perturb_module,
+                perturb_module=resolve_perturb_module(model, config.perturb_module),
                 augment_shift=config.augment_shift,
                 warmup_steps=config.warmup_steps,
                 calibration_steps=config.calibration_steps,

@@ -56,7 +56,9 @@ class SegRunConfig:
     fisher_scale: str = "median"  # ours: Eq. 15's floor at the median Fisher; "loss" for the literal reading
     allocation: str = "global"  # the paper's global top-k; "per_matrix": the same density in every matrix
     recalibrate_every: int = 0  # the paper's sequential execution; k > 0 re-calibrates every k tuning steps
-    perturb_module: str | None = "backbone.embeddings.patch_embeddings"
+    # "auto": the backbone's patch embedding, whatever the family calls it (DINOv2/ViT "patch_embeddings",
+    # CLIP/SigLIP "patch_embedding"); a module name; or None for the pixel-level shift.
+    perturb_module: str | None = "auto"
     augment_shift: bool = False
     lora_r: int = 16
     bf16: bool = False
