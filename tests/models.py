@@ -43,30 +43,33 @@ class Conv1DNet(nn.Module):
         return self.head(torch.tanh(self.c_attn(x)))
 
 
-def tiny_dinov2(blocks: int = 2) -> Dinov2Model:
+def tiny_dinov2(blocks: int = 2, image_size: int = 28) -> Dinov2Model:
+    """A random DINOv2 of width 32 (2 heads, MLP 64, patch 14)."""
     config = Dinov2Config(
         hidden_size=32,
         num_hidden_layers=blocks,
         num_attention_heads=2,
         intermediate_size=64,
-        image_size=28,
+        image_size=image_size,
         patch_size=14,
     )
     return Dinov2Model(config)
 
 
 def save_tiny_dinov2(path, image_size: int = 56) -> None:
-    """A 4-block random DINOv2 (width 32, patch 14) saved with save_pretrained: the recipe's test backbone."""
+    """A 4-block tiny DINOv2 (seed 0) saved with save_pretrained: the recipe's test backbone."""
     torch.manual_seed(0)
-    config = Dinov2Config(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=image_size,
-        patch_size=14,
-    )
-    Dinov2Model(config).save_pretrained(path)
+    tiny_dinov2(blocks=4, image_size=image_size).save_pretrained(path)
+
+
+def synthetic_trainer_data(size: int):
+    """A datasets.Dataset of ``size`` quickstart images and labels, as a Trainer takes it."""
+    from datasets import Dataset
+
+    from peft_fishertune.quickstart import synthetic_batch
+
+    images, labels = synthetic_batch(size, torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
 
 
 def tiny_vit() -> ViTModel:

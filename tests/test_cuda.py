@@ -20,6 +20,8 @@ from peft_fishertune import FisherTuneCallback, FisherTuneConfig, FisherTuneLaye
 from peft_fishertune.quickstart import build_model, synthetic_batch
 from peft_fishertune.sparse_linear import sparse_delta_linear
 
+from .models import synthetic_trainer_data
+
 DEVICE = os.environ.get("FISHERTUNE_TEST_DEVICE", "cuda")
 pytestmark = [
     pytest.mark.cuda,
@@ -145,11 +147,9 @@ def _top_set(drfim: dict, density: float) -> set:
 
 
 def test_three_stages_through_the_trainer(tmp_path):
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    images, labels = synthetic_batch(16, torch.Generator().manual_seed(0))
-    data = Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
+    data = synthetic_trainer_data(16)
     model = tiny_model(init_selection="none", warmup_steps=2, calibration_steps=2, tuning_steps=4, density_max=0.2)
     args = TrainingArguments(
         output_dir=str(tmp_path),

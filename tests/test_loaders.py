@@ -23,7 +23,7 @@ from transformers import Dinov2Model
 
 from peft_fishertune import FisherTuneConfig, FisherTuneLayer, vit_target_modules
 
-from .models import build, tiny_dinov2
+from .models import build, synthetic_trainer_data, tiny_dinov2
 
 VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 
@@ -174,13 +174,11 @@ def test_fresh_process_without_import_fails_with_peft_key_error(tmp_path):
 
 def test_trainer_checkpoint_holds_adapter_files_only(tmp_path):
     """A transformers Trainer checkpoint of a FisherTune model has the adapter, not the full model."""
-    from datasets import Dataset
     from transformers import Trainer, TrainingArguments
 
-    from peft_fishertune.quickstart import build_model, synthetic_batch
+    from peft_fishertune.quickstart import build_model
 
-    images, labels = synthetic_batch(8, torch.Generator().manual_seed(0))
-    data = Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
+    data = synthetic_trainer_data(8)
     model = get_peft_model(
         build_model(), FisherTuneConfig(target_modules=VIT, modules_to_save=["decode_head"], init_selection="random")
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
-from transformers import Dinov2Config, Dinov2Model
 
 from peft_fishertune import FisherTuneConfig, FisherTuneLayer, calibrate
 from peft_fishertune.seg.model import (
@@ -15,20 +14,12 @@ from peft_fishertune.seg.model import (
     tiny_decoder_config,
 )
 
+from .models import tiny_dinov2
+
 
 def build(seed=0, blocks=4):
     torch.manual_seed(seed)
-    backbone = Dinov2Model(
-        Dinov2Config(
-            hidden_size=32,
-            num_hidden_layers=blocks,
-            num_attention_heads=2,
-            intermediate_size=64,
-            image_size=64,
-            patch_size=14,
-        )
-    )
-    return ViTMask2Former(backbone, decoder_config=tiny_decoder_config())
+    return ViTMask2Former(tiny_dinov2(blocks, image_size=64), decoder_config=tiny_decoder_config())
 
 
 def batch(seed=0, height=64, width=96):

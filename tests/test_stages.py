@@ -10,7 +10,6 @@ import sys
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -18,6 +17,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from peft_fishertune import FisherTuneCallback, FisherTuneConfig, create_optimizer, density_at, vit_target_modules
 from peft_fishertune.quickstart import build_model, synthetic_batch
 from peft_fishertune.selection import count_for_density
+
+from .models import synthetic_trainer_data
 
 VIT = vit_target_modules()  # the blocks' q, k, v, o, fc1, fc2 under transformers 4.x and 5.x names
 T1, T2, T3 = 3, 2, 6
@@ -49,8 +50,7 @@ def test_unknown_schedule_raises():
 
 
 def make_data():
-    images, labels = synthetic_batch(24, torch.Generator().manual_seed(0))
-    return Dataset.from_dict({"pixel_values": images.numpy(), "labels": labels.numpy()}).with_format("torch")
+    return synthetic_trainer_data(24)
 
 
 def make_model(**overrides):

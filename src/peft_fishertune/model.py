@@ -99,11 +99,9 @@ class FisherTuneModel(BaseTuner):
         # A config or state dict saved under the other transformers line names modules as that line does.
         self._name_aliases = name_aliases(model)
         names = [name for name, _ in model.named_modules()]
-        renamed = rename_keys(config.selection_counts, names, self._name_aliases, separator=None)
-        config.selection_counts = {renamed.get(k, k): v for k, v in config.selection_counts.items()}
+        config.selection_counts = rename_keys(config.selection_counts, names, self._name_aliases, separator=None)
         if kwargs.get("state_dict") is not None:
-            renamed = rename_keys(kwargs["state_dict"], names, self._name_aliases)
-            kwargs["state_dict"] = {renamed.get(k, k): v for k, v in kwargs["state_dict"].items()}
+            kwargs["state_dict"] = rename_keys(kwargs["state_dict"], names, self._name_aliases)
         super().inject_adapter(model, adapter_name, **kwargs)
         layers = self._layers(adapter_name)
         _warn_untargeted_attention(model, adapter_name)
@@ -257,8 +255,7 @@ class FisherTuneModel(BaseTuner):
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # A file saved under the other transformers line: its module names as this line has them.
-        renamed = rename_keys(state_dict, [name for name, _ in model.named_modules()], name_aliases(model))
-        state_dict = {renamed.get(key, key): value for key, value in state_dict.items()}
+        state_dict = rename_keys(state_dict, [name for name, _ in model.named_modules()], name_aliases(model))
         state_dict = decode_state_dict(model, adapter_name, state_dict)
         remapped = super()._remap_adapter_state_dict_for_load(
             model=model, config=config, adapter_name=adapter_name, state_dict=state_dict

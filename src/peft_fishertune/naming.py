@@ -186,16 +186,17 @@ def untargeted_attention(model: nn.Module, is_targeted) -> list[dict]:
     return missed
 
 
-def rename_keys(keys, names, aliases: dict[str, str], separator: str | None = ".fishertune_") -> dict[str, str]:
-    """Old key -> new key for each key whose module part (before ``separator``; the whole key when it is None)
+def rename_keys(mapping: dict, names, aliases: dict[str, str], separator: str | None = ".fishertune_") -> dict:
+    """``mapping`` with each key renamed whose module part (before ``separator``; the whole key when it is None)
     names no module in ``names`` but is the other line's name of one that does. peft's ``base_model.model.``
     prefix may be on either side; a renamed key keeps the prefix it had."""
     known = {name.removeprefix(PEFT_PREFIX) for name in names}
     reverse = {other.removeprefix(PEFT_PREFIX): name.removeprefix(PEFT_PREFIX) for name, other in aliases.items()}
     renamed = {}
-    for key in keys:
+    for key, value in mapping.items():
         module, sep, rest = (key, "", "") if separator is None else key.partition(separator)
         bare = module.removeprefix(PEFT_PREFIX)
         if (sep or separator is None) and bare not in known and bare in reverse:
-            renamed[key] = module[: len(module) - len(bare)] + reverse[bare] + sep + rest
+            key = module[: len(module) - len(bare)] + reverse[bare] + sep + rest
+        renamed[key] = value
     return renamed

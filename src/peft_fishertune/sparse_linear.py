@@ -27,7 +27,6 @@ from torch.nn import functional as F
 #   memory bandwidth and the dense one a matmul, and a GPU widens that gap, so a GPU threshold is unlikely to
 #   be higher. benchmarks/device_check.sh prints the measured one.
 SPARSE_DENSITY = {"cpu": 0.002, "cuda": 0.002}
-DEFAULT_SPARSE_DENSITY = 0.002
 _CHUNK = 1 << 16  # selected entries per chunk in the sparse backward
 
 
@@ -80,7 +79,7 @@ def sparse_density(device_type: str) -> float:
             return _check_density(float(override), device_type)
         except ValueError as error:
             raise ValueError(f"FISHERTUNE_SPARSE_DENSITY_{device_type.upper()}={override!r}: {error}") from None
-    return SPARSE_DENSITY.get(device_type, DEFAULT_SPARSE_DENSITY)
+    return SPARSE_DENSITY.get(device_type, SPARSE_DENSITY["cpu"])  # other device types: the measured CPU value
 
 
 def set_sparse_density(device_type: str, density: float) -> None:

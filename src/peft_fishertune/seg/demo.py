@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..naming import ROLES
 from . import embedded
 from .classes import CITYSCAPES_CLASSES, PALETTE
-from .embedded import DOMAINS, GROUPS, METHODS, SOURCE, Budget
+from .embedded import DOMAINS, METHODS, SOURCE, Budget
 from .synthetic import CLASSES
 
 # each embedded class in its Cityscapes colour
@@ -258,7 +259,7 @@ def plot_drfim(scores, density: float, blocks: int, path) -> Path:
 def _heatmap(ax, fraction: np.ndarray, title: str, vmax: float | None = None):
     vmax = fraction.max() if vmax is None else vmax
     image = ax.imshow(fraction, cmap="viridis", aspect="auto", vmin=0, vmax=vmax)
-    ax.set_xticks(range(len(GROUPS)), list(GROUPS))
+    ax.set_xticks(range(len(ROLES)), list(ROLES))
     ax.set_yticks(range(len(fraction)), [f"block {i}" for i in range(len(fraction))])
     for (i, j), value in np.ndenumerate(fraction):
         colour = "white" if value < vmax / 2 else "black"

@@ -359,9 +359,6 @@ def _trainable_backbone(model, method: str) -> int:
     return sum(model.base_model.active_counts().values())
 
 
-GROUPS = ROLES  # the columns of the per-block tables: q, k, v, o, fc1, fc2 (either transformers line's names)
-
-
 def selected_fraction(model) -> np.ndarray:
     """(blocks, 6) fraction of each block's q, k, v, o, fc1, fc2 weight entries active now."""
     layers = model.base_model._layers()

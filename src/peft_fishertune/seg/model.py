@@ -32,6 +32,7 @@ from transformers.models.mask2former.modeling_mask2former import (
     Mask2FormerTransformerModule,
 )
 
+from ..naming import vit_target_modules
 from .classes import IGNORE_INDEX, NUM_CLASSES
 
 
@@ -163,8 +164,6 @@ def backbone_target_modules(prefix: str = "backbone") -> str:
     A regex, because Mask2Former's decoder layers also have modules named fc1/fc2, and SigLIP's pooling head
     (unused for segmentation) has out_proj/fc1/fc2 outside the blocks.
     """
-    from ..naming import vit_target_modules
-
     return vit_target_modules(prefix)
 
 
